@@ -171,7 +171,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)       # (B, 1, N, C) each
         # softmax(q k^T / sqrt(C)) v
         h = self.to_out(attention(q, k, v))                      # (B, 1, N, C)
-        return x + rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)
+        # attention output first, as diffusers adds it: the sum takes that tensor's (channels-last) memory layout,
+        # so the convs after it round exactly as diffusers' do (x + h gives the same math, ~1e-5 apart in float32)
+        return rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width) + x
 
 
 class MidBlock(nn.Module):
@@ -319,6 +321,85 @@ class AutoencoderKL(nn.Module):
         return z0 / self.config.scale_factor
 
 
+DECODER_FILE_KIND = "minildm-vae-decoder"
+
+
+def save_decoder_file(vae: AutoencoderKL, path) -> None:
+    """Write a "VAE file": the decoder alone (+ post_quant_conv), with the config in the file's metadata.
+
+    Any model whose encoder produces the same latent space can swap it in (`swap_decoder`): this is what SD's
+    "vae-ft-mse" files are for, a better decoder for latents the diffusion model already knows how to make.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()
+               if k.startswith(("decoder.", "post_quant_conv."))}
+    meta = {"kind": DECODER_FILE_KIND, "config": json.dumps(vae.config.to_dict())}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(weights, tmp, metadata=meta)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
+
+
+def swap_decoder(vae: AutoencoderKL, path) -> AutoencoderKL:
+    """Replace `vae`'s decoder with the one in a VAE file (the file's decoder may be wider or deeper)."""
+    import json
+
+    from safetensors import safe_open
+
+    from minildm.checkpoint import load_state_dict, load_strict
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") != DECODER_FILE_KIND:
+        raise ValueError(f"{path}: not a minildm VAE decoder file (metadata kind={meta.get('kind')!r})")
+    file_config = AutoencoderConfig.from_dict(json.loads(meta["config"]))
+    if file_config.latent_channels != vae.config.latent_channels:
+        raise ValueError(
+            f"{path}: decoder expects {file_config.latent_channels} latent channels but this VAE makes "
+            f"{vae.config.latent_channels}; a decoder can only be swapped within the same latent space"
+        )
+    donor = AutoencoderKL(file_config)
+    parts = nn.ModuleDict({"decoder": donor.decoder, "post_quant_conv": donor.post_quant_conv})
+    load_strict(parts, load_state_dict(path), str(path))
+    device = next(vae.parameters()).device
+    vae.decoder, vae.post_quant_conv = donor.decoder.to(device), donor.post_quant_conv.to(device)
+    return vae
+
+
+def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: str = "l1") -> Tensor:
+    """Per-image reconstruction error, summed over pixels: (B,).
+
+    L1 is the median's loss: it does not average an uncertain edge into grey mush, so reconstructions stay sharp
+    (the CompVis recipe uses L1, plus a perceptual loss we cannot download). MSE is what PSNR measures. "l1+mse"
+    adds both: sharp edges from L1, and MSE's strong pull on the large errors that dominate PSNR.
+    """
+    diff = x_hat - x
+    if kind == "l1":
+        per_pixel = diff.abs()
+    elif kind == "mse":
+        per_pixel = diff.pow(2)
+    elif kind == "l1+mse":
+        per_pixel = diff.abs() + diff.pow(2)
+    else:
+        raise ValueError(f"unknown reconstruction loss {kind!r}; choose l1, mse or l1+mse")
+    return per_pixel.flatten(1).sum(dim=1)
+
+
+def vae_loss(x_hat: Tensor, x: Tensor, posterior: DiagonalGaussian, kl_weight: float, kind: str = "l1") -> tuple[Tensor, dict]:
+    """The VAE objective (negative ELBO with a small beta): reconstruction + beta * KL(q(z|x) || N(0, I)).
+
+    A tiny beta (SD: 1e-6) keeps the latent space smooth and bounded without blurring the reconstructions.
+    """
+    rec = reconstruction_loss(x_hat, x, kind).mean()
+    kl = posterior.kl().mean()
+    # L = E[rec] + beta * E[KL]
+    loss = rec + kl_weight * kl
+    return loss, {"rec": rec, "kl": kl}
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -339,4 +420,8 @@ __all__ = [
     "compression_ratio",
     "count_parameters",
     "latent_shape",
+    "reconstruction_loss",
+    "save_decoder_file",
+    "swap_decoder",
+    "vae_loss",
 ]

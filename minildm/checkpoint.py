@@ -37,6 +37,7 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    old = None
     try:
         for name, content in files.items():
             path = tmp / name
@@ -49,7 +50,6 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
                 path.write_bytes(content)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        old = None
         if folder.exists():
             # os.replace cannot put a folder over a non-empty folder: move the old one aside first, then swap.
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -58,6 +58,8 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not folder.exists():
+            os.replace(old, folder)  # the swap failed after the old folder moved aside: put it back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
@@ -142,3 +144,25 @@ def load_weights_into(model: torch.nn.Module, folder: str | os.PathLike) -> torc
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     return load_strict(model, load_state_dict(path), str(path))
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Split an optimizer's state into flat tensors (for safetensors) and JSON-able hyper-parameters.
+
+    Saving the Adam moments is what makes `--resume` continue exactly: restarting with fresh moments would change
+    every later step.
+    """
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            tensors[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

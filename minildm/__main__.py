@@ -1,0 +1,4 @@
+from minildm.cli import main
+import sys
+
+sys.exit(main())

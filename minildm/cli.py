@@ -1,0 +1,126 @@
+"""The `minildm` command. Each subcommand is a thin layer over the package: parse, check, call, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+DEMO_MARKER = ".minildm-demo"
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+
+
+def prepare_output_folder(out: Path) -> None:
+    """The demo writes only into a folder that is new, empty, or an earlier demo's: it never overwrites your files."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; choose a folder name")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        raise SystemExit(f"error: --out {out} already holds files that minildm did not write; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `minildm demo`; safe to delete\n")
+
+
+def cmd_demo(args) -> int:
+    from minildm.demo import run_demo
+
+    out = Path(args.out)
+    prepare_output_folder(out)
+    start = time.time()
+    written = run_demo(out, device=args.device, seed=args.seed)
+    print(f"minildm demo: wrote {len(written)} files to {out}/ in {time.time() - start:.1f} s")
+    for path, what in written:
+        print(f"  {path}  {what}")
+    return 0
+
+
+def train_config_from_args(args):
+    from minildm.train import VAETrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(VAETrainConfig) if getattr(args, f.name, None) is not None}
+    return VAETrainConfig(**values)
+
+
+def cmd_train_vae(args) -> int:
+    import torch
+
+    from minildm.autoencoder import AutoencoderConfig
+    from minildm.train import VAETrainer, export_model, finetune_gain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = train_config_from_args(args)
+    model_config = None
+    if args.channels:
+        model_config = AutoencoderConfig(block_out_channels=tuple(int(c) for c in args.channels.split(",")),
+                                         layers_per_block=args.layers_per_block, norm_num_groups=args.norm_groups,
+                                         scale_factor=1.0)
+    start = time.time()
+    trainer = VAETrainer(cfg, args.out, model_config, resume=args.resume)
+    summary = trainer.run()
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    if cfg.finetune_decoder:
+        summary.update(finetune_gain(cfg.finetune_decoder, Path(args.out) / "decoder.safetensors", cfg.image_size))
+    print(json.dumps(summary, indent=2))
+    if args.export:
+        notes = {"command": "minildm " + " ".join(sys.argv[1:]), "seed": cfg.seed, "data_seed": cfg.data_seed,
+                 "torch_threads": torch.get_num_threads(), **summary}
+        export_model(args.out, args.export, notes)
+        print(f"exported the model to {args.export}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minildm", description="An annotated latent diffusion model you can read.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="load the shipped VAE and write the chapter 1-2 figures to --out")
+    demo.add_argument("--out", default="minildm-demo", help="folder for the figures (default: ./minildm-demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    add_device(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    tv = sub.add_parser("train-vae", help="train the VAE on Shapes (or --data-dir), or fine-tune a decoder")
+    tv.add_argument("--out", required=True, help="training folder (checkpoints); must be new unless --resume")
+    tv.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    tv.add_argument("--export", default=None, help="also write just the final model (+ training record) here")
+    tv.add_argument("--steps", type=int)
+    tv.add_argument("--batch-size", dest="batch_size", type=int)
+    tv.add_argument("--lr", type=float)
+    tv.add_argument("--kl-weight", dest="kl_weight", type=float)
+    tv.add_argument("--recon-loss", dest="recon_loss", choices=["l1", "mse", "l1+mse"])
+    tv.add_argument("--gan", action="store_true", default=None, help="add the PatchGAN hinge loss (CompVis recipe)")
+    tv.add_argument("--disc-start", dest="disc_start", type=int)
+    tv.add_argument("--disc-weight", dest="disc_weight", type=float)
+    tv.add_argument("--seed", type=int)
+    tv.add_argument("--data-seed", dest="data_seed", type=int)
+    tv.add_argument("--num-images", dest="num_train_images", type=int)
+    tv.add_argument("--image-size", dest="image_size", type=int)
+    tv.add_argument("--data-dir", dest="data_dir", help="train on a folder of your own images instead of Shapes")
+    tv.add_argument("--save-every", dest="save_every", type=int)
+    tv.add_argument("--finetune-decoder", dest="finetune_decoder", metavar="VAE_FOLDER",
+                    help="freeze this VAE's encoder, train its decoder, write decoder.safetensors (a VAE file)")
+    tv.add_argument("--channels", help="block_out_channels, e.g. 16,32,64,64 (default: the shapes64 VAE)")
+    tv.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
+    tv.add_argument("--norm-groups", dest="norm_groups", type=int, default=8)
+    tv.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    tv.set_defaults(func=cmd_train_vae)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Other people's VAE weights -> our `AutoencoderKL`, by a handful of renaming rules (never a 1,000-line key table).
+
+Two layouts hold the same Stable Diffusion VAE:
+
+- diffusers (`vae/config.json` + `diffusion_pytorch_model.safetensors`): `encoder.down_blocks.1.resnets.0.conv1.weight`
+- CompVis, the original SD single file (`v1-5.ckpt`): `first_stage_model.encoder.down.1.block.0.conv1.weight`
+
+Both name the same tensors ours does, in a different order of words. So a converter is a short, ordered list of
+regular-expression rules applied to every key, a check that the result fits our model exactly (`load_strict`: a
+key no rule explains, or one the model wants and no file key supplies, is an error that names it), and one tensor
+reshape: CompVis wrote the attention projections as 1x1 convolutions, which are Linear layers in disguise.
+Plain dicts in, our module out: nothing here imports diffusers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from torch import Tensor
+
+from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
+from minildm.checkpoint import load_strict
+
+# A rule is (pattern, replacement) for re.sub; the replacement may be a function of the match (see CompVis' decoder).
+Rule = tuple[str, "str | Callable[[re.Match], str]"]
+
+# diffusers -> ours. Applied in order, each rule once, to every key. Keys no rule touches (conv_in, conv_out,
+# norm1, conv2, quant_conv, ...) are already spelled the same in both layouts.
+DIFFUSERS_VAE_RULES: list[Rule] = [
+    (r"\b(down|up)_blocks\.(\d+)\.resnets\.", r"\1.\2.res."),              # down_blocks.i.resnets.j -> down.i.res.j
+    (r"\b(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.", r"\1.\2.resample."),
+    (r"\bmid_block\.resnets\.0\.", "mid.res1."),
+    (r"\bmid_block\.resnets\.1\.", "mid.res2."),
+    (r"\bmid_block\.attentions\.0\.", "mid.attn."),
+    (r"\bconv_norm_out\.", "norm_out."),
+    (r"\.conv_shortcut\.", ".skip."),
+    (r"\.attn\.group_norm\.", ".attn.norm."),
+    (r"\.attn\.(to_out\.0|proj_attn)\.", ".attn.to_out."),                 # proj_attn: diffusers < 0.14 naming
+    (r"\.attn\.query\.", ".attn.to_q."),                                   # query/key/value: diffusers < 0.14
+    (r"\.attn\.key\.", ".attn.to_k."),
+    (r"\.attn\.value\.", ".attn.to_v."),
+]
+
+# diffusers config.json keys that do not change the function the VAE computes.
+IGNORED_DIFFUSERS_KEYS = {"sample_size", "force_upcast"}
+# The plain blocks we implement; any other block type has a different computation.
+PLAIN_BLOCKS = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+
+
+def rename_keys(state_dict: dict[str, Tensor], rules: list[Rule]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Apply `rules` in order to every key. Returns the renamed dict and {new key: original key} for messages."""
+    renamed: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, tensor in state_dict.items():
+        new = key
+        for pattern, replacement in rules:
+            new = re.sub(pattern, replacement, new)
+        if new in renamed:
+            raise ValueError(f"keys {origin[new]!r} and {key!r} both become {new!r}; the file holds one tensor twice")
+        renamed[new], origin[new] = tensor, key
+    return renamed, origin
+
+
+def linear_from_1x1_conv(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A 1x1 conv weight (C_out, C_in, 1, 1) is a Linear weight (C_out, C_in): drop the 1s of attention weights."""
+    out = {}
+    for key, tensor in state_dict.items():
+        is_attention_weight = re.search(r"\.attn\.to_(q|k|v|out)\.weight$", key) is not None
+        if is_attention_weight and tensor.ndim > 2 and all(s == 1 for s in tensor.shape[2:]):
+            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])     # (C, C, 1, 1) -> (C, C)
+        out[key] = tensor
+    return out
+
+
+def load_renamed(model: AutoencoderKL, state_dict: dict[str, Tensor], origin: dict[str, str], source: str):
+    """`load_strict`, with the original names added to the message so a user can find the key in their file."""
+    try:
+        return load_strict(model, state_dict, source)
+    except ValueError as err:
+        message = str(err)
+        notes = [f"{new} <- {old}" for new, old in origin.items() if new != old and new in message]
+        if notes:
+            message += " (renamed from the file's keys: " + ", ".join(notes) + ")"
+        raise ValueError(message) from None
+
+
+def config_from_diffusers(config: dict) -> AutoencoderConfig:
+    """Read a diffusers AutoencoderKL config.json dict, refusing options that would change the math we implement.
+
+    A missing key takes diffusers' own default, so the model we build is the one diffusers would build.
+    """
+    config = {k: v for k, v in config.items() if not k.startswith("_")}   # _class_name, _diffusers_version, ...
+    if config.get("act_fn", "silu") != "silu":
+        raise ValueError(f"act_fn {config['act_fn']!r} is not supported: our VAE uses SiLU (as every SD VAE does)")
+    for key in ("shift_factor", "latents_mean", "latents_std"):
+        if config.get(key) is not None:
+            raise ValueError(
+                f"{key}={config[key]!r}: we model only z_0 = scaling_factor * latent, not a shift or per-channel "
+                "statistics (SD3/Flux/SDXL-style VAEs); this VAE would give wrongly scaled latents"
+            )
+    levels = len(config.get("block_out_channels", (64,)))
+    for key, plain in PLAIN_BLOCKS.items():
+        types = list(config.get(key, [plain]))
+        if any(t != plain for t in types) or len(types) != levels:
+            raise ValueError(
+                f"{key} {types} is not supported: expected {levels} x {plain!r} (one per block_out_channels entry)"
+            )
+    known = {
+        "in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+        "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv", "scaling_factor", "act_fn",
+        "shift_factor", "latents_mean", "latents_std", *PLAIN_BLOCKS, *IGNORED_DIFFUSERS_KEYS,
+    }
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown diffusers AutoencoderKL config keys {unknown}: they may change what the model computes, which we "
+            "do not implement; drop them from the dict only if you know they are at a no-op value"
+        )
+    return AutoencoderConfig(
+        in_channels=config.get("in_channels", 3),
+        out_channels=config.get("out_channels", 3),
+        latent_channels=config.get("latent_channels", 4),
+        block_out_channels=tuple(config.get("block_out_channels", (64,))),
+        layers_per_block=config.get("layers_per_block", 1),
+        norm_num_groups=config.get("norm_num_groups", 32),
+        mid_block_attention=config.get("mid_block_add_attention", True),
+        use_quant_conv=config.get("use_quant_conv", True),
+        use_post_quant_conv=config.get("use_post_quant_conv", True),
+        scale_factor=config.get("scaling_factor", 0.18215),
+    )
+
+
+def vae_from_diffusers(config: dict, state_dict: dict[str, Tensor]) -> AutoencoderKL:
+    """Build our VAE from a diffusers `AutoencoderKL` config dict and state dict (e.g. SD v1.5's `vae/` folder).
+
+    The keys go through `DIFFUSERS_VAE_RULES`, e.g. `encoder.down_blocks.1.resnets.0.conv_shortcut.weight` ->
+    `encoder.down.1.res.0.skip.weight`, `decoder.mid_block.attentions.0.to_out.0.bias` -> `decoder.mid.attn.to_out.bias`.
+    """
+    model = AutoencoderKL(config_from_diffusers(config))
+    renamed, origin = rename_keys(state_dict, DIFFUSERS_VAE_RULES)
+    return load_renamed(model, linear_from_1x1_conv(renamed), origin, "diffusers AutoencoderKL state dict")
+
+
+def compvis_vae_rules(num_levels: int) -> list[Rule]:
+    """CompVis -> ours. The decoder's levels are numbered the other way round in CompVis: up.{n-1} runs first."""
+    return [
+        # CompVis decoder.up.i is our decoder.up.(n-1-i): ours counts in the order the levels run
+        (r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}."),
+        (r"^(encoder\.down|decoder\.up)\.(\d+)\.block\.", r"\1.\2.res."),   # down.i.block.j -> down.i.res.j
+        (r"\.(down|up)sample\.", ".resample."),
+        (r"\.mid\.block_1\.", ".mid.res1."),
+        (r"\.mid\.block_2\.", ".mid.res2."),
+        (r"\.mid\.attn_1\.", ".mid.attn."),
+        (r"\.attn\.(q|k|v)\.", r".attn.to_\1."),
+        (r"\.attn\.proj_out\.", ".attn.to_out."),
+        (r"\.nin_shortcut\.", ".skip."),
+    ]
+
+
+COMPVIS_VAE_PREFIX = "first_stage_model."
+
+
+def vae_from_compvis(state_dict: dict[str, Tensor], config: AutoencoderConfig | None = None) -> AutoencoderKL:
+    """Build our VAE from the original CompVis / SD single-file layout (`config` defaults to SD v1's VAE).
+
+    Pass either the VAE's own keys or a whole SD checkpoint: if any key starts with "first_stage_model.", only those
+    keys are the VAE (the rest are the UNet and the text encoder) and the prefix is dropped. The attention's q, k, v,
+    proj_out are 1x1 convs there and become our Linear layers.
+    """
+    config = config or AutoencoderConfig.sd_v1()
+    if any(k.startswith(COMPVIS_VAE_PREFIX) for k in state_dict):
+        state_dict = {k[len(COMPVIS_VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(COMPVIS_VAE_PREFIX)}
+    renamed, origin = rename_keys(state_dict, compvis_vae_rules(len(config.block_out_channels)))
+    model = AutoencoderKL(config)
+    return load_renamed(model, linear_from_1x1_conv(renamed), origin, "CompVis VAE state dict")
+
+
+__all__ = ["DIFFUSERS_VAE_RULES", "compvis_vae_rules", "config_from_diffusers", "vae_from_compvis", "vae_from_diffusers"]

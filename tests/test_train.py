@@ -1,0 +1,179 @@
+"""Training the VAE: exact resume, safe stops, the scale factor, the GAN path and decoder fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file, swap_decoder
+from minildm.checkpoint import load_weights_into, read_config
+from minildm.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from minildm.train import VAETrainConfig, VAETrainer, export_model, learning_rate, measure_scale_factor
+
+TINY = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scale_factor=1.0)
+
+
+def tiny_cfg(**overrides) -> VAETrainConfig:
+    base = dict(steps=4, batch_size=4, lr=1e-3, warmup_steps=2, num_train_images=16, image_size=16,
+                save_every=2, eval_images=8, scale_images=16, seed=3)
+    base.update(overrides)
+    return VAETrainConfig(**base)
+
+
+def weights(folder) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_from_a_midway_checkpoint_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    straight = VAETrainer(tiny_cfg(steps=6), tmp_path / "straight", TINY, progress=False)
+    straight.run()
+
+    first = VAETrainer(tiny_cfg(steps=3), tmp_path / "split", TINY, progress=False)
+    first.run()
+    second = VAETrainer(tiny_cfg(steps=6), tmp_path / "split", TINY, resume=True, progress=False)
+    assert second.step == 3, "resume must start from the saved step"
+    second.run()
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume: max abs {(a[key] - b[key]).abs().max():.3g}"
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_model_with_a_measured_scale_factor(tmp_path):
+    trainer = VAETrainer(tiny_cfg(steps=30, lr=3e-3, save_every=100), tmp_path / "run", TINY, progress=False)
+    first = trainer.train_step()["loss"]
+    summary = trainer.run()
+    last = trainer.history[-1]["loss"]
+    assert last < first, f"loss did not fall: {first:.1f} -> {last:.1f}"
+    config = AutoencoderConfig.from_dict(read_config(tmp_path / "run"))
+    assert config.scale_factor == pytest.approx(summary["scale_factor"])
+    assert config.scale_factor != 1.0 and math.isfinite(config.scale_factor)
+    vae = load_weights_into(AutoencoderKL(config), tmp_path / "run")
+    # the saved scale factor is exactly 1 / std of posterior samples of the training images
+    s = measure_scale_factor(vae, trainer.pixels, 16, seed=3)
+    assert s == pytest.approx(config.scale_factor, rel=1e-6)
+
+
+def test_existing_output_folder_is_never_overwritten_without_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="--resume"):
+        VAETrainer(tiny_cfg(), out, TINY, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    VAETrainer(tiny_cfg(steps=2), tmp_path / "run", TINY, progress=False).run()
+    with pytest.raises(ValueError, match="lr"):
+        VAETrainer(tiny_cfg(steps=4, lr=5e-3), tmp_path / "run", TINY, resume=True, progress=False)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = VAETrainer(tiny_cfg(steps=10, save_every=2), tmp_path / "run", TINY, progress=False)
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save()
+    good = weights(tmp_path / "run")
+    with torch.no_grad():
+        trainer.vae.decoder.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="step 2"):
+        trainer.run()
+    after = weights(tmp_path / "run")
+    assert all(torch.equal(good[k], after[k]) for k in good), "the good checkpoint was replaced"
+    assert json.loads((tmp_path / "run" / "trainer.json").read_text())["step"] == 2
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = tiny_cfg(steps=100, lr=1.0, warmup_steps=10, min_lr_fraction=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate(cfg, 10) == pytest.approx(1.0)
+    assert learning_rate(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(cfg, 100) == pytest.approx(0.1)
+
+
+def test_hinge_losses_match_their_definitions():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
+    # L_D = 1/2 (mean(relu(1 - real)) + mean(relu(1 + fake)))
+    expected = 0.5 * ((0 + 0.5 + 2.0) / 3 + (0 + 1.0 + 2.5) / 3)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(expected)
+    assert generator_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.5) / 3)
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(5, 3)
+    rec = (x @ w).pow(2).sum()
+    g = (x @ w).sum() * 0.01
+    weight = adaptive_weight(rec, g, w)
+    rec_norm = torch.autograd.grad(rec, w, retain_graph=True)[0].norm()
+    g_norm = torch.autograd.grad(g, w)[0].norm()
+    assert weight.item() == pytest.approx((rec_norm / (g_norm + 1e-4)).item(), rel=1e-6)
+
+
+def test_patch_discriminator_outputs_one_logit_per_patch():
+    logits = PatchDiscriminator(3, width=8, num_layers=3)(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1, 6, 6)
+
+
+def test_gan_training_adds_both_adversarial_terms_after_disc_start_and_resumes_exactly(tmp_path):
+    gan = dict(gan=True, disc_start=1, save_every=2)
+    straight = VAETrainer(tiny_cfg(**gan, steps=4), tmp_path / "straight", TINY, progress=False)
+    before_start = straight.train_step()
+    after_start = straight.train_step()
+    assert "d_loss" not in before_start, "the discriminator must stay off before disc_start"
+    assert {"d_loss", "g_loss"} <= set(after_start), f"GAN terms missing from {sorted(after_start)}"
+    straight.run()
+
+    VAETrainer(tiny_cfg(**gan, steps=2), tmp_path / "split", TINY, progress=False).run()
+    VAETrainer(tiny_cfg(**gan, steps=4), tmp_path / "split", TINY, resume=True, progress=False).run()
+    for name in ("model.safetensors", "discriminator.safetensors"):
+        a = load_file(str(tmp_path / "straight" / name))
+        b = load_file(str(tmp_path / "split" / name))
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+
+
+def test_finetuning_the_decoder_freezes_the_encoder_and_writes_a_swappable_vae_file(tmp_path):
+    base = tmp_path / "base"
+    VAETrainer(tiny_cfg(steps=4), base, TINY, progress=False).run()
+    before = weights(base)
+    tuned = tmp_path / "tuned"
+    VAETrainer(tiny_cfg(steps=6, finetune_decoder=str(base), recon_loss="mse"), tuned, progress=False).run()
+    after = weights(tuned)
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        if key.startswith(("encoder.", "quant_conv.")):
+            assert same, f"encoder weight {key} changed during decoder fine-tuning"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder.")), "decoder did not train"
+
+    vae = load_weights_into(AutoencoderKL(AutoencoderConfig.from_dict(read_config(base))), base)
+    swap_decoder(vae, tuned / "decoder.safetensors")
+    for key, value in vae.state_dict().items():
+        assert torch.equal(value, after[key]), f"{key} after swap differs from the fine-tuned model"
+
+
+def test_swap_decoder_refuses_a_different_latent_space_and_non_decoder_files(tmp_path):
+    other = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), latent_channels=3, norm_num_groups=4))
+    save_decoder_file(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="latent channels"):
+        swap_decoder(AutoencoderKL(TINY), tmp_path / "other.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a minildm VAE decoder file"):
+        swap_decoder(AutoencoderKL(TINY), tmp_path / "plain.safetensors")
+
+
+def test_export_writes_only_the_model_and_the_training_record(tmp_path):
+    VAETrainer(tiny_cfg(steps=2), tmp_path / "run", TINY, progress=False).run()
+    export_model(tmp_path / "run", tmp_path / "export", {"command": "minildm train-vae ...", "seed": 3})
+    names = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert names == ["config.json", "model.safetensors", "training.json"]
+    assert torch.equal(weights(tmp_path / "export")["encoder.conv_in.weight"], weights(tmp_path / "run")["encoder.conv_in.weight"])
