@@ -62,13 +62,13 @@ def cmd_train_vae(args) -> int:
                                          scale_factor=1.0)
     start = time.time()
     trainer = VAETrainer(cfg, args.out, model_config, resume=args.resume)
-    summary = trainer.run()
+    summary = trainer.run(stop_after=args.stop_after)
     summary["wall_seconds"] = round(time.time() - start, 1)
-    if cfg.finetune_decoder:
+    if cfg.finetune_decoder and not summary.get("stopped_early"):
         summary.update(finetune_gain(cfg.finetune_decoder, Path(args.out) / "decoder.safetensors", cfg.image_size))
     print(json.dumps(summary, indent=2))
-    if args.export:
-        notes = {"command": "minildm " + " ".join(sys.argv[1:]), "seed": cfg.seed, "data_seed": cfg.data_seed,
+    if args.export and not summary.get("stopped_early"):
+        notes = {"command": "minildm " + " ".join(args.argv), "seed": cfg.seed, "data_seed": cfg.data_seed,
                  "torch_threads": torch.get_num_threads(), **summary}
         export_model(args.out, args.export, notes)
         print(f"exported the model to {args.export}")
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     tv = sub.add_parser("train-vae", help="train the VAE on Shapes (or --data-dir), or fine-tune a decoder")
     tv.add_argument("--out", required=True, help="training folder (checkpoints); must be new unless --resume")
     tv.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    tv.add_argument("--stop-after", dest="stop_after", type=int, default=None,
+                    help="train at most this many steps now, save, and stop (continue later with --resume)")
     tv.add_argument("--export", default=None, help="also write just the final model (+ training record) here")
     tv.add_argument("--steps", type=int)
     tv.add_argument("--batch-size", dest="batch_size", type=int)
@@ -114,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:

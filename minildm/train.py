@@ -119,7 +119,7 @@ class VAETrainer:
     def __init__(self, cfg: VAETrainConfig, out: str | Path, model_config: AutoencoderConfig | None = None,
                  resume: bool = False, progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.step, self.history = 0, []
+        self.step, self.history, self.train_seconds = 0, [], 0.0   # train_seconds: summed over every resumed run
         if self.out.exists() and not resume:
             raise FileExistsError(f"{self.out} already exists; pass --resume to continue it, or choose another --out")
         torch.manual_seed(cfg.seed)
@@ -134,6 +134,8 @@ class VAETrainer:
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.5, 0.9) if cfg.gan else (0.9, 0.999))
         self.disc = self.disc_opt = None
         if cfg.gan:
+            if cfg.image_size < 32:
+                raise ValueError(f"--gan needs images of at least 32x32 (the PatchGAN's 5 convs shrink them), got {cfg.image_size}")
             self.disc = PatchDiscriminator(self.vae.config.out_channels)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
         if resume and self.out.exists():
@@ -188,23 +190,32 @@ class VAETrainer:
         out.update({k: float(v.detach()) for k, v in parts.items()})
         return out
 
-    def run(self) -> dict:
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train to cfg.steps (the schedule's length), or for at most `stop_after` steps now: resume later."""
         cfg = self.cfg
         start_time, start_step = time.time(), self.step
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train-vae", dynamic_ncols=True)
-        while self.step < cfg.steps:
+        while self.step < end:
             record = self.train_step()
             if self.step % 50 == 0 or self.step == cfg.steps:
                 self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.1f}", psnr=f"{record['psnr']:.2f}")
             bar.update(1)
-            if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            if self.step % cfg.save_every == 0 and self.step < end:
+                self.train_seconds += time.time() - start_time
+                start_time = time.time()
                 self.save()
         bar.close()
-        train_seconds = time.time() - start_time
+        self.train_seconds += time.time() - start_time
+        if self.step < cfg.steps:  # stopped early on purpose: save everything needed to resume, nothing else
+            self.save()
+            return {"steps": self.step, "steps_this_run": self.step - start_step, "stopped_early": True,
+                    "train_seconds": round(self.train_seconds, 1)}
         if not cfg.finetune_decoder:
             self.vae.config.scale_factor = measure_scale_factor(self.vae, self.pixels, cfg.scale_images, cfg.seed)
-        summary = {"steps_this_run": self.step - start_step, "train_seconds_this_run": round(train_seconds, 1),
+        summary = {"steps": self.step, "steps_this_run": self.step - start_step,
+                   "train_seconds": round(self.train_seconds, 1),
                    "heldout_psnr": round(evaluate_psnr(self.vae, held_out_images(cfg)), 3),
                    "scale_factor": self.vae.config.scale_factor}
         self.save(summary)
@@ -214,7 +225,8 @@ class VAETrainer:
         opt_tensors, opt_groups = optimizer_to_tensors(self.opt)
         files = {CONFIG_NAME: self.vae.config.to_dict(), WEIGHTS_NAME: self.vae.state_dict(),
                  "optimizer.safetensors": opt_tensors}
-        trainer = {"step": self.step, "train_config": asdict(self.cfg), "optimizer_groups": opt_groups,
+        trainer = {"step": self.step, "train_seconds": self.train_seconds, "train_config": asdict(self.cfg),
+                   "optimizer_groups": opt_groups,
                    "history": self.history, "summary": summary}
         if self.disc is not None:
             disc_tensors, disc_groups = optimizer_to_tensors(self.disc_opt)
@@ -242,7 +254,7 @@ class VAETrainer:
             self.disc.load_state_dict(load_file(str(self.out / "discriminator.safetensors")))
             optimizer_from_tensors(self.disc_opt, load_file(str(self.out / "disc_optimizer.safetensors")),
                                    trainer["disc_optimizer_groups"])
-        self.step, self.history = trainer["step"], trainer["history"]
+        self.step, self.history, self.train_seconds = trainer["step"], trainer["history"], trainer["train_seconds"]
 
 
 def export_model(run_folder: str | Path, export_to: str | Path, notes: dict) -> Path:

@@ -32,8 +32,8 @@ def test_resume_from_a_midway_checkpoint_gives_the_same_weights_as_an_uninterrup
     straight = VAETrainer(tiny_cfg(steps=6), tmp_path / "straight", TINY, progress=False)
     straight.run()
 
-    first = VAETrainer(tiny_cfg(steps=3), tmp_path / "split", TINY, progress=False)
-    first.run()
+    first = VAETrainer(tiny_cfg(steps=6), tmp_path / "split", TINY, progress=False)
+    assert first.run(stop_after=3)["stopped_early"]
     second = VAETrainer(tiny_cfg(steps=6), tmp_path / "split", TINY, resume=True, progress=False)
     assert second.step == 3, "resume must start from the saved step"
     second.run()
@@ -117,13 +117,18 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
     assert weight.item() == pytest.approx((rec_norm / (g_norm + 1e-4)).item(), rel=1e-6)
 
 
+def test_gan_on_images_too_small_for_the_patch_discriminator_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least 32x32"):
+        VAETrainer(tiny_cfg(gan=True, image_size=16), tmp_path / "run", TINY, progress=False)
+
+
 def test_patch_discriminator_outputs_one_logit_per_patch():
     logits = PatchDiscriminator(3, width=8, num_layers=3)(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 1, 6, 6)
 
 
 def test_gan_training_adds_both_adversarial_terms_after_disc_start_and_resumes_exactly(tmp_path):
-    gan = dict(gan=True, disc_start=1, save_every=2)
+    gan = dict(gan=True, disc_start=1, save_every=2, image_size=32)
     straight = VAETrainer(tiny_cfg(**gan, steps=4), tmp_path / "straight", TINY, progress=False)
     before_start = straight.train_step()
     after_start = straight.train_step()
