@@ -37,6 +37,9 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private (0700); a checkpoint gets the usual permissions
     old = None
     try:
         for name, content in files.items():
@@ -48,6 +51,7 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
                 path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
             else:
                 path.write_bytes(content)
+            os.chmod(path, 0o666 & ~umask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         if folder.exists():

@@ -70,7 +70,7 @@ def cmd_train_vae(args) -> int:
     if args.export and not summary.get("stopped_early"):
         notes = {"command": "minildm " + " ".join(args.argv), "seed": cfg.seed, "data_seed": cfg.data_seed,
                  "torch_threads": torch.get_num_threads(), **summary}
-        export_model(args.out, args.export, notes)
+        export_model(args.out, args.export, notes, half=args.export_half)
         print(f"exported the model to {args.export}")
     return 0
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--stop-after", dest="stop_after", type=int, default=None,
                     help="train at most this many steps now, save, and stop (continue later with --resume)")
     tv.add_argument("--export", default=None, help="also write just the final model (+ training record) here")
+    tv.add_argument("--export-half", dest="export_half", action="store_true",
+                    help="store the exported weights in float16 (half the size)")
     tv.add_argument("--steps", type=int)
     tv.add_argument("--batch-size", dest="batch_size", type=int)
     tv.add_argument("--lr", type=float)

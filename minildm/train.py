@@ -257,15 +257,24 @@ class VAETrainer:
         self.step, self.history, self.train_seconds = trainer["step"], trainer["history"], trainer["train_seconds"]
 
 
-def export_model(run_folder: str | Path, export_to: str | Path, notes: dict) -> Path:
-    """Copy just the model (config.json + model.safetensors) out of a training folder, with a training record."""
+def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, half: bool = False) -> Path:
+    """Copy just the model (config.json + model.safetensors, and a VAE file if the run made one) out of a training
+    folder, with a training record. `half` stores the weights in float16: half the size; they load back into
+    float32 models (the record should say what that costs, e.g. in PSNR)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    def stored(tensors: dict) -> dict:
+        return {k: v.half() if half and v.is_floating_point() else v for k, v in tensors.items()}
+
     run_folder = Path(run_folder)
-    config = read_config(run_folder)
-    weights = load_file(str(run_folder / WEIGHTS_NAME))
-    files = {CONFIG_NAME: config, WEIGHTS_NAME: weights, "training.json": notes}
+    files = {CONFIG_NAME: read_config(run_folder), WEIGHTS_NAME: stored(load_file(str(run_folder / WEIGHTS_NAME))),
+             "training.json": {**notes, "weights_dtype": "float16" if half else "float32"}}
     decoder = run_folder / "decoder.safetensors"
     if decoder.is_file():
-        files["decoder.safetensors"] = decoder.read_bytes()
+        with safe_open(str(decoder), framework="pt") as f:
+            metadata = f.metadata()
+        files["decoder.safetensors"] = save(stored(load_file(str(decoder))), metadata=metadata)
     return write_folder_atomically(export_to, files)
 
 

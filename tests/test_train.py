@@ -182,3 +182,15 @@ def test_export_writes_only_the_model_and_the_training_record(tmp_path):
     names = sorted(p.name for p in (tmp_path / "export").iterdir())
     assert names == ["config.json", "model.safetensors", "training.json"]
     assert torch.equal(weights(tmp_path / "export")["encoder.conv_in.weight"], weights(tmp_path / "run")["encoder.conv_in.weight"])
+
+
+def test_half_precision_export_stores_float16_that_loads_into_a_float32_model(tmp_path):
+    VAETrainer(tiny_cfg(steps=2), tmp_path / "run", TINY, progress=False).run()
+    export_model(tmp_path / "run", tmp_path / "export", {"seed": 3}, half=True)
+    stored = weights(tmp_path / "export")
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+    vae = load_weights_into(AutoencoderKL(TINY), tmp_path / "export")
+    full = weights(tmp_path / "run")["decoder.conv_out.weight"]
+    assert vae.decoder.conv_out.weight.dtype == torch.float32
+    assert torch.equal(vae.decoder.conv_out.weight.data, full.half().float())
+    assert json.loads((tmp_path / "export" / "training.json").read_text())["weights_dtype"] == "float16"
