@@ -44,13 +44,15 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
     try:
         for name, content in files.items():
             path = tmp / name
-            if name.endswith(".safetensors"):
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            elif name.endswith(".safetensors"):
                 tensors = {k: v.detach().contiguous().cpu() for k, v in content.items()}
                 save_file(tensors, str(path))
             elif name.endswith(".json"):
                 path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
             else:
-                path.write_bytes(content)
+                raise ValueError(f"{name}: give bytes, or a dict for a .json / .safetensors file")
             os.chmod(path, 0o666 & ~umask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

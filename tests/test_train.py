@@ -194,3 +194,14 @@ def test_half_precision_export_stores_float16_that_loads_into_a_float32_model(tm
     assert vae.decoder.conv_out.weight.dtype == torch.float32
     assert torch.equal(vae.decoder.conv_out.weight.data, full.half().float())
     assert json.loads((tmp_path / "export" / "training.json").read_text())["weights_dtype"] == "float16"
+
+
+def test_exporting_a_fine_tuned_decoder_run_ships_a_half_precision_vae_file_that_swaps_in(tmp_path):
+    base, tuned, export = tmp_path / "base", tmp_path / "tuned", tmp_path / "export"
+    VAETrainer(tiny_cfg(steps=2), base, TINY, progress=False).run()
+    VAETrainer(tiny_cfg(steps=2, finetune_decoder=str(base)), tuned, progress=False).run()
+    export_model(tuned, export, {"seed": 3}, half=True)
+    vae = load_weights_into(AutoencoderKL(AutoencoderConfig.from_dict(read_config(base))), base)
+    swap_decoder(vae, export / "decoder.safetensors")
+    expected = weights(tuned)["decoder.conv_out.weight"].half().float()
+    assert torch.equal(vae.decoder.conv_out.weight.data, expected)
