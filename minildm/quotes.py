@@ -84,26 +84,34 @@ class Problem:
 
 
 def find_quotes(chapter: str | Path) -> list[Quote]:
-    """Every quote in one Markdown file, in order. A marker must be followed at once by a ```python block."""
+    """Every quote in one Markdown file, in order. A marker must be followed at once by a ```python block.
+
+    Markers inside other fenced blocks are ignored, so a chapter can show the syntax itself in an example.
+    """
     chapter = Path(chapter)
     lines = chapter.read_text(encoding="utf-8").splitlines()
-    quotes = []
-    for i, line in enumerate(lines):
-        if not line.lstrip().startswith("<!--") or "quote:" not in line:
-            continue
-        match = MARKER.match(line.strip())
-        if match is None:
-            raise QuoteError(f"malformed quote marker {line.strip()!r}; write it as <!-- quote: minildm/file.py::name "
-                             "--> (name = function, Class or Class.method)", chapter, i + 1)
-        if i + 1 >= len(lines) or lines[i + 1].strip() != FENCE_OPEN:
-            raise QuoteError(f"the quote of {match['path']}::{match['name']} must be followed on the next line by "
-                             f"a {FENCE_OPEN} block; add one (it may be empty) and run `python -m minildm.quotes "
-                             "sync` to fill it", chapter, i + 1)
-        end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == FENCE_CLOSE), None)
-        if end is None:
-            raise QuoteError(f"the {FENCE_OPEN} block of the quote of {match['path']}::{match['name']} is never "
-                             f"closed; add a line with {FENCE_CLOSE}", chapter, i + 2)
-        quotes.append(Quote(chapter, i + 1, match["path"], match["name"], lines[i + 2:end], end + 1))
+    quotes, i, in_fence = [], 0, False
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and line.startswith("<!--") and "quote:" in line:
+            match = MARKER.match(line)
+            if match is None:
+                raise QuoteError(f"malformed quote marker {line!r}; write it as <!-- quote: minildm/file.py::name "
+                                 "--> (name = function, Class or Class.method)", chapter, i + 1)
+            target = f"{match['path']}::{match['name']}"
+            if i + 1 >= len(lines) or lines[i + 1].strip() != FENCE_OPEN:
+                raise QuoteError(f"the quote of {target} must be followed on the next line by a {FENCE_OPEN} block; "
+                                 "add one (it may be empty) and run `python -m minildm.quotes sync` to fill it",
+                                 chapter, i + 1)
+            end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == FENCE_CLOSE), None)
+            if end is None:
+                raise QuoteError(f"the {FENCE_OPEN} block of the quote of {target} is never closed; add a line "
+                                 f"with {FENCE_CLOSE}", chapter, i + 2)
+            quotes.append(Quote(chapter, i + 1, match["path"], match["name"], lines[i + 2:end], end + 1))
+            i = end                                         # continue after the closing fence
+        i += 1
     return quotes
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, save_decoder_file, vae_loss
 from minildm.checkpoint import (
@@ -93,10 +93,10 @@ def training_pixels(cfg: VAETrainConfig) -> torch.Tensor:
 @torch.no_grad()
 def measure_scale_factor(vae: AutoencoderKL, pixels: torch.Tensor, count: int, seed: int) -> float:
     """s = 1 / std(z) over posterior samples of training images, so that z_0 = s z has unit variance (SD: 0.18215)."""
-    samples = []
+    samples, device = [], next(vae.parameters()).device
     for start in range(0, min(count, len(pixels)), 256):
-        x = to_tensor_batch(pixels[start:start + 256].numpy())
-        samples.append(vae.encode(x).sample(step_generator(seed, start, 9)))
+        x = to_tensor_batch(pixels[start:start + 256].numpy()).to(device)
+        samples.append(vae.encode(x).sample(step_generator(seed, start, 9)).cpu())
     # s = 1 / std(z)
     return float(1.0 / torch.cat(samples).std())
 
@@ -105,7 +105,11 @@ def measure_scale_factor(vae: AutoencoderKL, pixels: torch.Tensor, count: int, s
 def evaluate_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> float:
     """Mean PSNR of decode(mean of encode(x)) against x: the deterministic reconstruction."""
     vae.eval()
-    scores = [psnr(vae.decode(vae.encode(images[i:i + batch]).mean), images[i:i + batch]) for i in range(0, len(images), batch)]
+    device = next(vae.parameters()).device
+    scores = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(device)
+        scores.append(psnr(vae.decode(vae.encode(x).mean), x).cpu())
     return float(torch.cat(scores).mean())
 
 

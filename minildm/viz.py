@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves; notebooks draw inline
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")  # files, not windows: works on a headless machine and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from minildm.data import to_uint8  # noqa: E402
+from minildm.data import to_uint8
 
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, upscale: int = 1) -> Image.Image:
