@@ -58,7 +58,7 @@ class AutoencoderConfig:
     @classmethod
     def shapes64(cls) -> "AutoencoderConfig":
         """Our tutorial VAE: 64x64x3 -> 4x8x8, the same f = 8 and 4 channels (48x) as SD, at laptop width."""
-        return cls(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16, scale_factor=1.0)
+        return cls(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, scale_factor=1.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)

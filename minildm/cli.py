@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--save-every", dest="save_every", type=int)
     tv.add_argument("--finetune-decoder", dest="finetune_decoder", metavar="VAE_FOLDER",
                     help="freeze this VAE's encoder, train its decoder, write decoder.safetensors (a VAE file)")
-    tv.add_argument("--channels", help="block_out_channels, e.g. 16,32,64,64 (default: the shapes64 VAE)")
+    tv.add_argument("--channels", help="block_out_channels, e.g. 32,64,128,128 (default: the shapes64 VAE, 16,32,64,64)")
     tv.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
     tv.add_argument("--norm-groups", dest="norm_groups", type=int, default=8)
     tv.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

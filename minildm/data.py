@@ -96,7 +96,7 @@ def render(objects: list[ShapeFactors], background: str, size: int = 64) -> np.n
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return to_tensor_batch(pixels[None])[0]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -44,9 +44,9 @@ EVAL_SEED = 2024  # a Shapes seed never used for training: held-out images for P
 
 @dataclass
 class VAETrainConfig:
-    steps: int = 6000
-    batch_size: int = 32
-    lr: float = 2e-3
+    steps: int = 2500                    # the defaults are the measured recipe: 30.7 dB held-out PSNR (assets README)
+    batch_size: int = 16
+    lr: float = 1.5e-3
     warmup_steps: int = 100
     min_lr_fraction: float = 0.05        # cosine decay to 5% of lr
     kl_weight: float = 1e-6              # beta, as in SD's VAE
@@ -60,7 +60,7 @@ class VAETrainConfig:
     num_train_images: int = 20_000
     image_size: int = 64
     data_dir: str | None = None          # an image folder instead of Shapes
-    save_every: int = 1000
+    save_every: int = 500
     eval_images: int = 512
     scale_images: int = 2048             # images used to measure the scale factor
     finetune_decoder: str | None = None  # a VAE folder: freeze its encoder, train only the decoder

@@ -62,3 +62,12 @@ def test_shipped_fine_tuned_decoder_reconstructs_the_same_latents_better():
     before = evaluate_psnr(vae, images)
     after = evaluate_psnr(swap_decoder(vae, FOLDER / "decoder.safetensors"), images)
     assert after > before, f"the fine-tuned decoder does not help: {before:.2f} -> {after:.2f} dB"
+
+
+def test_the_shapes64_preset_is_the_shipped_architecture():
+    """`minildm train-vae` with no --channels must build the model we ship, so its defaults reproduce it."""
+    from minildm.autoencoder import AutoencoderConfig
+
+    shipped, preset = load_vae("shapes64", device="cpu").config.to_dict(), AutoencoderConfig.shapes64().to_dict()
+    for key in ("block_out_channels", "layers_per_block", "norm_num_groups", "latent_channels", "mid_block_attention"):
+        assert shipped[key] == preset[key], f"{key}: shipped {shipped[key]} vs shapes64() {preset[key]}"
