@@ -80,12 +80,27 @@ def learning_rate(cfg: VAETrainConfig, step: int) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+HOLD_OUT_EVERY = 10  # with --data-dir, every 10th image is kept out of training to measure PSNR on
+
+
+def folder_pixels(cfg: VAETrainConfig) -> torch.Tensor:
+    """Every image of --data-dir, read once, as (N, H, W, 3) uint8."""
+    folder = ImageFolderDataset(cfg.data_dir, cfg.image_size)
+    stacked = torch.stack([folder[i]["image"] for i in range(len(folder))])
+    return ((stacked + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def is_held_out(count: int) -> torch.Tensor:
+    """Which of `count` folder images are held out: every 10th, once there are at least 20 (else none)."""
+    index = torch.arange(count)
+    return (index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1) if count >= 2 * HOLD_OUT_EVERY else torch.zeros(count, dtype=torch.bool)
+
+
 def training_pixels(cfg: VAETrainConfig) -> torch.Tensor:
     """All training images, rendered (or read) once, as (N, H, W, 3) uint8: 20,000 Shapes images are 245 MB."""
     if cfg.data_dir:
-        folder = ImageFolderDataset(cfg.data_dir, cfg.image_size)
-        stacked = torch.stack([folder[i]["image"] for i in range(len(folder))])
-        return ((stacked + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        pixels = folder_pixels(cfg)
+        return pixels[~is_held_out(len(pixels))]
     pixels = ShapesDataset(cfg.num_train_images, seed=cfg.data_seed, image_size=cfg.image_size).pixels()
     return torch.from_numpy(pixels)
 
@@ -114,6 +129,12 @@ def evaluate_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) ->
 
 
 def held_out_images(cfg: VAETrainConfig) -> torch.Tensor:
+    """Images training never saw: Shapes of a seed kept for evaluation, or the held-out tenth of --data-dir (a folder
+    of fewer than 20 images holds nothing back, and its PSNR is then measured on training images)."""
+    if cfg.data_dir:
+        pixels = folder_pixels(cfg)
+        held = is_held_out(len(pixels))
+        return to_tensor_batch((pixels[held] if held.any() else pixels)[: cfg.eval_images].numpy())
     return ShapesDataset(cfg.eval_images, seed=EVAL_SEED, image_size=cfg.image_size).images()
 
 

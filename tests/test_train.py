@@ -205,3 +205,22 @@ def test_exporting_a_fine_tuned_decoder_run_ships_a_half_precision_vae_file_that
     swap_decoder(vae, export / "decoder.safetensors")
     expected = weights(tuned)["decoder.conv_out.weight"].half().float()
     assert torch.equal(vae.decoder.conv_out.weight.data, expected)
+
+
+def test_training_on_an_image_folder_keeps_every_tenth_image_out_and_measures_psnr_on_them(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from minildm.train import held_out_images, training_pixels
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(30):  # image i is a flat grey of level 8 * i: each one is recognisable after loading
+        Image.fromarray(np.full((20, 24, 3), 8 * i, dtype=np.uint8)).save(folder / f"img_{i:02d}.png")
+    cfg = tiny_cfg(data_dir=str(folder), eval_images=8)
+    train_levels = sorted(int(v) for v in training_pixels(cfg)[:, 0, 0, 0])
+    held_levels = sorted(int(v) for v in ((held_out_images(cfg)[:, 0, 0, 0] + 1) * 127.5).round())
+    assert held_levels == [8 * 9, 8 * 19, 8 * 29], held_levels
+    assert len(train_levels) == 27 and not set(train_levels) & set(held_levels)
+    summary = VAETrainer(tiny_cfg(data_dir=str(folder), steps=2), tmp_path / "run", TINY, progress=False).run()
+    assert summary["heldout_psnr"] > 0
