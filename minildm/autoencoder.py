@@ -11,14 +11,19 @@ Shapes: an image is (B, 3, H, W) in [-1, 1]; its latent is (B, 4, H/f, W/f), f =
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minildm.attention import attention
+from minildm.checkpoint import load_state_dict, load_strict
 
 
 @dataclass
@@ -330,11 +335,6 @@ def save_decoder_file(vae: AutoencoderKL, path) -> None:
     Any model whose encoder produces the same latent space can swap it in (`swap_decoder`): this is what SD's
     "vae-ft-mse" files are for, a better decoder for latents the diffusion model already knows how to make.
     """
-    import json
-    import os
-
-    from safetensors.torch import save_file
-
     weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()
                if k.startswith(("decoder.", "post_quant_conv."))}
     meta = {"kind": DECODER_FILE_KIND, "config": json.dumps(vae.config.to_dict())}
@@ -345,12 +345,6 @@ def save_decoder_file(vae: AutoencoderKL, path) -> None:
 
 def swap_decoder(vae: AutoencoderKL, path) -> AutoencoderKL:
     """Replace `vae`'s decoder with the one in a VAE file (the file's decoder may be wider or deeper)."""
-    import json
-
-    from safetensors import safe_open
-
-    from minildm.checkpoint import load_state_dict, load_strict
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("kind") != DECODER_FILE_KIND:
