@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minildm.attention import attention
-from minildm.checkpoint import load_state_dict, load_strict
+from minildm.checkpoint import load_state_dict, load_strict, load_weights_into, read_config
 
 
 @dataclass
@@ -313,10 +313,19 @@ class AutoencoderKL(nn.Module):
             )
         return self.decoder(self.post_quant_conv(z))
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The deterministic round trip, decode(mean of encode(x)): what PSNR and the figures measure."""
+        return self.decode(self.encode(x).mean)
+
     def forward(self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+    @classmethod
+    def from_folder(cls, folder) -> "AutoencoderKL":
+        """A model folder (config.json + model.safetensors) -> the model, on the CPU, weights checked strictly."""
+        return load_weights_into(cls(AutoencoderConfig.from_dict(read_config(folder))), folder)
 
     # The diffusion model works on z_0 = s * latent, so that z_0 has roughly unit variance like the noise.
     def to_z0(self, posterior_sample: Tensor) -> Tensor:

@@ -58,7 +58,7 @@ def run_demo(out: Path, device=None, seed: int = 0) -> list[tuple[Path, str]]:
     # A frame is a double exposure when more of it is off-palette than in any real image (for pixel frames), or
     # than in any of the VAE's own reconstructions of real images (for decoded frames, which carry its blur).
     real = ShapesDataset(256, seed=DEMO_DATA_SEED + 1).images()
-    real_recon = vae.decode(vae.encode(real.to(dev)).mean).clamp(-1, 1).cpu()
+    real_recon = vae.reconstruct(real.to(dev)).clamp(-1, 1).cpu()
     pixel_frames = manifold.interpolate_pixels(images[0].cpu(), images[1].cpu(), 8)
     latent_frames = manifold.interpolate_latents(vae, images[0], images[1], 8)
     pixel_ghosts = int(manifold.double_exposures(pixel_frames, manifold.ghost_threshold(real)).sum())

@@ -22,8 +22,9 @@ def mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def get_device(name: str | None = None) -> torch.device:
+def get_device(name: str | torch.device | None = None) -> torch.device:
     """cuda > mps > cpu, unless `name` (or $MINILDM_DEVICE) says otherwise."""
+    name = str(name) if isinstance(name, torch.device) else name
     name = name or os.environ.get(DEVICE_ENV) or "auto"
     if name == "auto":
         if torch.cuda.is_available():

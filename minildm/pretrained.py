@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.checkpoint import load_weights_into, read_config
+import torch
+
+from minildm.autoencoder import AutoencoderKL
 from minildm.device import get_device
 
 ASSETS = Path(__file__).parent / "assets"
@@ -22,11 +23,9 @@ def vae_folder(name: str) -> Path:
     return folder
 
 
-def load_vae_folder(folder: str | Path, device=None) -> AutoencoderKL:
+def load_vae_folder(folder: str | Path, device: str | torch.device | None = None) -> AutoencoderKL:
     """Any VAE model folder (config.json + model.safetensors), in eval mode on `device`."""
-    vae = AutoencoderKL(AutoencoderConfig.from_dict(read_config(folder)))
-    load_weights_into(vae, folder)
-    return vae.eval().to(get_device(device) if device is None or isinstance(device, str) else device)
+    return AutoencoderKL.from_folder(folder).eval().to(get_device(device))
 
 
 def load_vae(name: str = "shapes64", device=None) -> AutoencoderKL:

@@ -124,7 +124,7 @@ def evaluate_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) ->
     scores = []
     for i in range(0, len(images), batch):
         x = images[i:i + batch].to(device)
-        scores.append(psnr(vae.decode(vae.encode(x).mean), x).cpu())
+        scores.append(psnr(vae.reconstruct(x), x).cpu())
     return float(torch.cat(scores).mean())
 
 
@@ -149,8 +149,7 @@ class VAETrainer:
             raise FileExistsError(f"{self.out} already exists; pass --resume to continue it, or choose another --out")
         torch.manual_seed(cfg.seed)
         if cfg.finetune_decoder:
-            self.vae = AutoencoderKL(AutoencoderConfig.from_dict(read_config(cfg.finetune_decoder)))
-            load_weights_into(self.vae, cfg.finetune_decoder)
+            self.vae = AutoencoderKL.from_folder(cfg.finetune_decoder)
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
         else:

@@ -131,3 +131,16 @@ def test_same_generator_seed_gives_same_sample():
     c = dist.sample(torch.Generator().manual_seed(43))
     assert torch.equal(a, b), "the same seed gave different samples"
     assert not torch.equal(a, c), "different seeds gave the same sample"
+
+
+def test_reconstruct_is_decode_of_the_posterior_mean_and_from_folder_round_trips(tmp_path):
+    from minildm.checkpoint import save_model
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4)).eval()
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.reconstruct(x), vae.decode(vae.encode(x).mean))
+        save_model(tmp_path / "vae", vae, vae.config.to_dict())
+        again = AutoencoderKL.from_folder(tmp_path / "vae").eval()
+        assert torch.equal(again.reconstruct(x), vae.reconstruct(x))

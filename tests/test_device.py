@@ -10,6 +10,7 @@ from minildm.device import DEVICE_ENV, cpu_generator, default_dtype, get_device,
 
 def test_explicit_cpu_and_the_environment_override_win_over_auto(monkeypatch):
     assert get_device("cpu") == torch.device("cpu")
+    assert get_device(torch.device("cpu")) == torch.device("cpu")
     monkeypatch.setenv(DEVICE_ENV, "cpu")
     assert get_device() == torch.device("cpu")
 
