@@ -50,7 +50,7 @@ def cmd_train_vae(args) -> int:
     import torch
 
     from minildm.autoencoder import AutoencoderConfig
-    from minildm.train import VAETrainer, export_model, finetune_gain
+    from minildm.train import VAETrainer, export_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,8 +64,6 @@ def cmd_train_vae(args) -> int:
     trainer = VAETrainer(cfg, args.out, model_config, resume=args.resume)
     summary = trainer.run(stop_after=args.stop_after)
     summary["wall_seconds"] = round(time.time() - start, 1)
-    if cfg.finetune_decoder and not summary.get("stopped_early"):
-        summary.update(finetune_gain(cfg.finetune_decoder, Path(args.out) / "decoder.safetensors", cfg.image_size))
     print(json.dumps(summary, indent=2))
     if args.export and not summary.get("stopped_early"):
         notes = {"command": "minildm " + " ".join(args.argv), "seed": cfg.seed, "data_seed": cfg.data_seed,

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, save_decoder_file, vae_loss
@@ -171,9 +172,11 @@ class VAETrainer:
     def cache_posteriors(self) -> torch.Tensor:
         """Fine-tuning the decoder: the frozen encoder's moments for every training image, computed once."""
         self.vae.eval()
-        moments = [self.vae.quant_conv(self.vae.encoder(to_tensor_batch(self.pixels[i:i + 256].numpy())))
-                   for i in range(0, len(self.pixels), 256)]
-        return torch.cat(moments)                                          # (N, 2C, h, w)
+        moments = []
+        for i in range(0, len(self.pixels), 256):
+            posterior = self.vae.encode(to_tensor_batch(self.pixels[i:i + 256].numpy()))
+            moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1))   # (b, 2C, h, w)
+        return torch.cat(moments)                                                  # (N, 2C, h, w)
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
@@ -238,10 +241,14 @@ class VAETrainer:
                     "train_seconds": round(self.train_seconds, 1)}
         if not cfg.finetune_decoder:
             self.vae.config.scale_factor = measure_scale_factor(self.vae, self.pixels, cfg.scale_images, cfg.seed)
+        held_out = held_out_images(cfg)
         summary = {"steps": self.step, "steps_this_run": self.step - start_step,
                    "train_seconds": round(self.train_seconds, 1),
-                   "heldout_psnr": round(evaluate_psnr(self.vae, held_out_images(cfg)), 3),
+                   "heldout_psnr": round(evaluate_psnr(self.vae, held_out), 3),
                    "scale_factor": self.vae.config.scale_factor}
+        if cfg.finetune_decoder:  # the VAE file's worth: the same latents, decoded by the old and the new decoder
+            before = evaluate_psnr(AutoencoderKL.from_folder(cfg.finetune_decoder), held_out)
+            summary.update(heldout_psnr_before=round(before, 3), gain_db=round(summary["heldout_psnr"] - before, 3))
         self.save(summary)
         return summary
 
@@ -285,9 +292,6 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
     """Copy just the model (config.json + model.safetensors, and a VAE file if the run made one) out of a training
     folder, with a training record. `half` stores the weights in float16: half the size; they load back into
     float32 models (the record should say what that costs, e.g. in PSNR)."""
-    from safetensors import safe_open
-    from safetensors.torch import save
-
     def stored(tensors: dict) -> dict:
         return {k: v.half() if half and v.is_floating_point() else v for k, v in tensors.items()}
 
@@ -302,16 +306,4 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
     return write_folder_atomically(export_to, files)
 
 
-def finetune_gain(vae_folder: str | Path, decoder_file: str | Path, image_size: int = 64, count: int = 512) -> dict:
-    """PSNR on held-out images with the original decoder and with the fine-tuned one, on the same latents."""
-    vae = AutoencoderKL(AutoencoderConfig.from_dict(read_config(vae_folder)))
-    load_weights_into(vae, vae_folder)
-    images = ShapesDataset(count, seed=EVAL_SEED, image_size=image_size).images()
-    before = evaluate_psnr(vae, images)
-    from minildm.autoencoder import swap_decoder
-
-    after = evaluate_psnr(swap_decoder(vae, decoder_file), images)
-    return {"psnr_before": round(before, 3), "psnr_after": round(after, 3), "gain_db": round(after - before, 3)}
-
-
-__all__ = ["VAETrainConfig", "VAETrainer", "export_model", "finetune_gain", "learning_rate"]
+__all__ = ["VAETrainConfig", "VAETrainer", "export_model", "learning_rate"]

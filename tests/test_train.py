@@ -150,7 +150,13 @@ def test_finetuning_the_decoder_freezes_the_encoder_and_writes_a_swappable_vae_f
     VAETrainer(tiny_cfg(steps=4), base, TINY, progress=False).run()
     before = weights(base)
     tuned = tmp_path / "tuned"
-    VAETrainer(tiny_cfg(steps=6, finetune_decoder=str(base), recon_loss="mse"), tuned, progress=False).run()
+    cfg = tiny_cfg(steps=6, finetune_decoder=str(base), recon_loss="mse")
+    summary = VAETrainer(cfg, tuned, progress=False).run()
+    from minildm.train import evaluate_psnr, held_out_images
+
+    base_psnr = evaluate_psnr(AutoencoderKL.from_folder(base), held_out_images(cfg))
+    assert summary["heldout_psnr_before"] == pytest.approx(base_psnr, abs=1e-3)
+    assert summary["gain_db"] == pytest.approx(summary["heldout_psnr"] - summary["heldout_psnr_before"], abs=2e-3)
     after = weights(tuned)
     for key in before:
         same = torch.equal(before[key], after[key])
