@@ -57,12 +57,11 @@ def run_demo(out: Path, device=None, seed: int = 0) -> list[tuple[Path, str]]:
 
     # A frame is a double exposure when more of it is off-palette than in any real image (for pixel frames), or
     # than in any of the VAE's own reconstructions of real images (for decoded frames, which carry its blur).
-    real = ShapesDataset(256, seed=DEMO_DATA_SEED + 1).images()
-    real_recon = vae.reconstruct(real.to(dev)).clamp(-1, 1).cpu()
+    threshold = manifold.walk_thresholds(vae, ShapesDataset(256, seed=DEMO_DATA_SEED + 1).images())
     pixel_frames = manifold.interpolate_pixels(images[0].cpu(), images[1].cpu(), 8)
     latent_frames = manifold.interpolate_latents(vae, images[0], images[1], 8)
-    pixel_ghosts = int(manifold.double_exposures(pixel_frames, manifold.ghost_threshold(real)).sum())
-    latent_ghosts = int(manifold.double_exposures(latent_frames, manifold.ghost_threshold(real_recon)).sum())
+    pixel_ghosts = int(manifold.double_exposures(pixel_frames, threshold["pixels"]).sum())
+    latent_ghosts = int(manifold.double_exposures(latent_frames, threshold["latents"]).sum())
     path = viz.show_rows([pixel_frames, latent_frames],
                          [f"pixels\n{pixel_ghosts} double", f"latents\n{latent_ghosts} double"], None,
                          out / "interpolation.png")

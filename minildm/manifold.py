@@ -258,6 +258,18 @@ def ghost_threshold(real_images: Tensor, quantile: float = 0.999, tolerance: flo
     return float(torch.quantile(ghost_fraction(real_images, tolerance).double(), quantile))
 
 
+@torch.no_grad()
+def walk_thresholds(vae, real_images: Tensor) -> dict[str, float]:
+    """Both thresholds from one set of real images: {"pixels": for cross-fades, "latents": for decoded walks}.
+
+    A decoded frame carries the VAE's blur, so it is judged against the VAE's reconstructions of the same real
+    images, not against the images themselves.
+    """
+    param = next(vae.parameters())
+    recon = torch.cat([vae.reconstruct(b.to(param)).clamp(-1, 1).float().cpu() for b in real_images.split(100)])
+    return {"pixels": ghost_threshold(real_images), "latents": ghost_threshold(recon)}
+
+
 def double_exposures(frames: Tensor, threshold: float, tolerance: float = 0.15) -> Tensor:
     """Which frames are not a single clean scene: (B,) bool, ghost fraction above the real images' threshold."""
     return ghost_fraction(frames, tolerance) > threshold

@@ -237,3 +237,15 @@ def test_interpolate_latents_decodes_every_step_of_the_latent_path(tiny_vae, met
     assert err < 1e-4, f"the path's ends differ from decode(encode(x).mean) by {err:.2e}"
     with pytest.raises(ValueError, match="'linear' or 'slerp'"):
         manifold.interpolate_latents(vae, x0, x1, 4, method="cubic")
+
+
+def test_walk_thresholds_judge_pixels_against_real_images_and_decoded_frames_against_reconstructions():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4)).eval()
+    real = ShapesDataset(24, seed=3, image_size=32).images()
+    thresholds = manifold.walk_thresholds(vae, real)
+    with torch.no_grad():
+        recon = vae.reconstruct(real).clamp(-1, 1)
+    assert thresholds["pixels"] == manifold.ghost_threshold(real)
+    assert thresholds["latents"] == pytest.approx(manifold.ghost_threshold(recon))
+    assert thresholds["latents"] > thresholds["pixels"], "an untrained VAE's reconstructions are all ghost"
