@@ -61,7 +61,7 @@ def cmd_train_vae(args) -> int:
                                          layers_per_block=args.layers_per_block, norm_num_groups=args.norm_groups,
                                          scale_factor=1.0)
     start = time.time()
-    trainer = VAETrainer(cfg, args.out, model_config, resume=args.resume)
+    trainer = VAETrainer(cfg, args.out, model_config, resume=args.resume, device=args.device)
     summary = trainer.run(stop_after=args.stop_after)
     summary["wall_seconds"] = round(time.time() - start, 1)
     print(json.dumps(summary, indent=2))
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
     tv.add_argument("--norm-groups", dest="norm_groups", type=int, default=8)
     tv.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_device(tv)
     tv.set_defaults(func=cmd_train_vae)
     return parser
 

@@ -25,7 +25,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm import tqdm
 
-from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, save_decoder_file, vae_loss
+from minildm.autoencoder import (
+    AutoencoderConfig,
+    AutoencoderKL,
+    DiagonalGaussian,
+    save_decoder_file,
+    vae_loss,
+)
 from minildm.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -36,7 +42,13 @@ from minildm.checkpoint import (
     write_folder_atomically,
 )
 from minildm.data import ImageFolderDataset, ShapesDataset, to_tensor_batch
-from minildm.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from minildm.device import get_device
+from minildm.discriminator import (
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+    hinge_d_loss,
+)
 from minildm.metrics import psnr
 
 TRAINER_NAME = "trainer.json"
@@ -143,8 +155,9 @@ class VAETrainer:
     """Holds the model, optimizers and step; `run()` trains to cfg.steps, saving as it goes."""
 
     def __init__(self, cfg: VAETrainConfig, out: str | Path, model_config: AutoencoderConfig | None = None,
-                 resume: bool = False, progress: bool = True):
+                 resume: bool = False, progress: bool = True, device: str | torch.device | None = None):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.device = get_device(device)  # float32 on any device; random draws stay on the CPU (exact resume anywhere)
         self.step, self.history, self.train_seconds = 0, [], 0.0   # train_seconds: summed over every resumed run
         if self.out.exists() and not resume:
             raise FileExistsError(f"{self.out} already exists; pass --resume to continue it, or choose another --out")
@@ -155,13 +168,14 @@ class VAETrainer:
             self.vae.quant_conv.requires_grad_(False)
         else:
             self.vae = AutoencoderKL(model_config or AutoencoderConfig.shapes64())
+        self.vae.to(self.device)  # before the optimizers exist, so their state is created (and resumed) on the device
         trainable = [p for p in self.vae.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.5, 0.9) if cfg.gan else (0.9, 0.999))
         self.disc = self.disc_opt = None
         if cfg.gan:
             if cfg.image_size < 32:
                 raise ValueError(f"--gan needs images of at least 32x32 (the PatchGAN's 5 convs shrink them), got {cfg.image_size}")
-            self.disc = PatchDiscriminator(self.vae.config.out_channels)
+            self.disc = PatchDiscriminator(self.vae.config.out_channels).to(self.device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
         if resume and self.out.exists():
             self.load()
@@ -174,7 +188,7 @@ class VAETrainer:
         self.vae.eval()
         moments = []
         for i in range(0, len(self.pixels), 256):
-            posterior = self.vae.encode(to_tensor_batch(self.pixels[i:i + 256].numpy()))
+            posterior = self.vae.encode(to_tensor_batch(self.pixels[i:i + 256].numpy()).to(self.device))
             moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1))   # (b, 2C, h, w)
         return torch.cat(moments)                                                  # (N, 2C, h, w)
 
@@ -185,9 +199,9 @@ class VAETrainer:
             group["lr"] = lr
         self.vae.train()
         index = torch.randint(len(self.pixels), (cfg.batch_size,), generator=step_generator(cfg.seed, step, 0))
-        x = to_tensor_batch(self.pixels[index].numpy())                    # (B, 3, H, W)
+        x = to_tensor_batch(self.pixels[index].numpy()).to(self.device)    # (B, 3, H, W)
         if self.cached is not None:
-            posterior = DiagonalGaussian(self.cached[index])
+            posterior = DiagonalGaussian(self.cached[index.to(self.device)])
         else:
             posterior = self.vae.encode(x)
         x_hat = self.vae.decode(posterior.sample(step_generator(cfg.seed, step, 1)))
@@ -247,7 +261,7 @@ class VAETrainer:
                    "heldout_psnr": round(evaluate_psnr(self.vae, held_out), 3),
                    "scale_factor": self.vae.config.scale_factor}
         if cfg.finetune_decoder:  # the VAE file's worth: the same latents, decoded by the old and the new decoder
-            before = evaluate_psnr(AutoencoderKL.from_folder(cfg.finetune_decoder), held_out)
+            before = evaluate_psnr(AutoencoderKL.from_folder(cfg.finetune_decoder).to(self.device), held_out)
             summary.update(heldout_psnr_before=round(before, 3), gain_db=round(summary["heldout_psnr"] - before, 3))
         self.save(summary)
         return summary

@@ -230,3 +230,23 @@ def test_training_on_an_image_folder_keeps_every_tenth_image_out_and_measures_ps
     assert len(train_levels) == 27 and not set(train_levels) & set(held_levels)
     summary = VAETrainer(tiny_cfg(data_dir=str(folder), steps=2), tmp_path / "run", TINY, progress=False).run()
     assert summary["heldout_psnr"] > 0
+
+
+def test_the_trainer_puts_the_model_and_the_resumed_optimizer_state_on_its_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILDM_DEVICE", "cpu")  # the default device comes from the same place as everywhere else
+    VAETrainer(tiny_cfg(steps=4), tmp_path / "run", TINY, progress=False).run(stop_after=2)
+    resumed = VAETrainer(tiny_cfg(steps=4), tmp_path / "run", TINY, resume=True, progress=False, device="cpu")
+    assert resumed.device == torch.device("cpu")
+    assert {p.device for p in resumed.vae.parameters()} == {torch.device("cpu")}
+    moments = [v for slots in resumed.opt.state.values() for v in slots.values() if torch.is_tensor(v) and v.ndim]
+    assert moments and {v.device for v in moments} == {torch.device("cpu")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_resumes_exactly(tmp_path):
+    VAETrainer(tiny_cfg(steps=4), tmp_path / "a", TINY, progress=False, device="cuda").run()
+    VAETrainer(tiny_cfg(steps=4), tmp_path / "b", TINY, progress=False, device="cuda").run(stop_after=2)
+    VAETrainer(tiny_cfg(steps=4), tmp_path / "b", TINY, resume=True, progress=False, device="cuda").run()
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), f"{key} differs after a CUDA resume"
