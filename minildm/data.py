@@ -54,6 +54,11 @@ class ShapeFactors:
         return f"a {size_word} {self.colour} {self.kind} {place}"
 
 
+def caption(factors: dict) -> str:
+    """The scene in words: each object described, joined by "and"."""
+    return " and ".join(obj.describe() for obj in factors["objects"])
+
+
 def draw_factor(rng: np.random.Generator, rotation: bool) -> ShapeFactors:
     size = float(rng.uniform(*SIZE_RANGE))
     margin = size * 0.9  # keep most of the shape inside the frame
@@ -139,21 +144,21 @@ class ShapesDataset(torch.utils.data.Dataset):
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
         return {"background": background, "objects": objects}
 
+    def render_factors(self, factors: dict) -> np.ndarray:
+        return render(factors["objects"], factors["background"], self.image_size)   # (H, W, 3) uint8
+
     def __getitem__(self, index: int) -> dict:
         if index < 0:
             raise IndexError(f"index must be >= 0, got {index}")
         f = self.factors(index)
-        pixels = render(f["objects"], f["background"], self.image_size)
-        caption = " and ".join(obj.describe() for obj in f["objects"])
-        return {"image": to_tensor(pixels), "caption": caption, "factors": f}
+        return {"image": to_tensor(self.render_factors(f)), "caption": caption(f), "factors": f}
 
     def pixels(self, start: int = 0, count: int | None = None) -> np.ndarray:
         """Items start..start+count rendered as one (count, H, W, 3) uint8 array (compact, for caching)."""
         count = self.length - start if count is None else count
         out = np.empty((count, self.image_size, self.image_size, 3), dtype=np.uint8)
         for j in range(count):
-            f = self.factors(start + j)
-            out[j] = render(f["objects"], f["background"], self.image_size)
+            out[j] = self.render_factors(self.factors(start + j))
         return out
 
     def images(self, start: int = 0, count: int | None = None) -> torch.Tensor:
@@ -162,7 +167,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def captions(self, start: int = 0, count: int | None = None) -> list[str]:
         count = self.length - start if count is None else count
-        return [" and ".join(o.describe() for o in self.factors(i)["objects"]) for i in range(start, start + count)]
+        return [caption(self.factors(i)) for i in range(start, start + count)]
 
 
 def to_tensor_batch(pixels: np.ndarray) -> torch.Tensor:
