@@ -81,6 +81,7 @@ class AutoencoderConfig:
 
 def latent_shape(height: int, width: int, config: AutoencoderConfig | None = None) -> tuple[int, int, int]:
     """The latent's (C, H/f, W/f) for an image of height x width; a size the VAE cannot halve is an error."""
+    # BEGIN SOLUTION ch01.latent_shape
     config = config or AutoencoderConfig()
     f = config.downsampling_factor
     if height % f or width % f or height <= 0 or width <= 0:
@@ -89,6 +90,7 @@ def latent_shape(height: int, width: int, config: AutoencoderConfig | None = Non
             f"image size {height}x{width} is not divisible by {f} (the VAE downsamples by {f}); use {h_ok}x{w_ok}"
         )
     return (config.latent_channels, height // f, width // f)
+    # END SOLUTION
 
 
 def check_images(x: Tensor, config: AutoencoderConfig) -> None:
@@ -126,9 +128,11 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        # BEGIN SOLUTION ch02.resblock
         h = self.conv1(F.silu(self.norm1(x)))                   # (B, C_out, H, W)
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))     # (B, C_out, H, W)
         return self.skip(x) + h
+        # END SOLUTION
 
 
 class Downsample(nn.Module):
@@ -271,17 +275,21 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """The reparameterisation trick (Kingma & Welling 2014): randomness enters as eps, so gradients reach mean and std."""
+        # BEGIN SOLUTION ch02.reparameterize
         eps = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32).to(self.mean)
         # z = mean + std * eps,  eps ~ N(0, I)
         return self.mean + self.std * eps
+        # END SOLUTION
 
     def mode(self) -> Tensor:
         return self.mean
 
     def kl(self) -> Tensor:
         """KL(N(mean, var) || N(0, I)) per item, summed over latent dimensions: (B,)."""
+        # BEGIN SOLUTION ch02.gaussian_kl
         # KL = 1/2 * sum(mean^2 + var - 1 - log var)
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
+        # END SOLUTION
 
 
 class AutoencoderKL(nn.Module):

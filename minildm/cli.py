@@ -73,6 +73,29 @@ def cmd_train_vae(args) -> int:
     return 0
 
 
+def cmd_workbook_build(args) -> int:
+    from minildm.grading.workbook import build_workbook
+
+    built = build_workbook(args.out, args.tasks or None, force=args.force)
+    if built.moved_aside:
+        print(f"kept the existing {args.out} as {built.moved_aside}")
+    print(f"minildm workbook: {len(built.tasks)} task(s) stubbed in {built.out}/ (read WORKBOOK.md there)")
+    for task in built.tasks:
+        print(f"  {task.id:<22} {task.title}")
+    return 0
+
+
+def cmd_grade(args) -> int:
+    from minildm.grading.grader import grade, write_report
+
+    report_path = Path(args.report)
+    report = grade(args.impl, args.tasks or None, args.extra_tests, args.use_reference_for, timeout=args.timeout)
+    print(report.table())
+    write_report(report, report_path)
+    print(f"wrote {report_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minildm", description="An annotated latent diffusion model you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_device(tv)
     tv.set_defaults(func=cmd_train_vae)
+
+    wb = sub.add_parser("workbook", help="classroom: build a student workbook with chosen solutions taken out")
+    wb_sub = wb.add_subparsers(dest="workbook_command", required=True)
+    build = wb_sub.add_parser("build", help="write a student copy of the package, tests, chapters and notebooks")
+    build.add_argument("--out", required=True, help="the workbook folder to create")
+    build.add_argument("--tasks", nargs="+", metavar="TASK",
+                       help="task ids, chapters or globs: ch02.gaussian_kl, ch02, 'ch02.*' (default: all tasks)")
+    build.add_argument("--force", action="store_true",
+                       help="build even if --out exists (the existing folder is kept, renamed to OUT.old-N)")
+    build.set_defaults(func=cmd_workbook_build)
+
+    gr = sub.add_parser("grade", help="classroom: run the task tests on a workbook and print points and hints")
+    gr.add_argument("tasks", nargs="*", metavar="TASK",
+                    help="chapters (ch02), task ids (ch02.gaussian_kl) or globs (default: the workbook's tasks)")
+    gr.add_argument("--impl", default=None,
+                    help="the workbook to grade (default: the one the current folder is in, else the reference)")
+    gr.add_argument("--extra-tests", dest="extra_tests", action="append", metavar="DIR",
+                    help="a folder of hidden tests (with @pytest.mark.task and points); may be repeated")
+    gr.add_argument("--use-reference-for", dest="use_reference_for", nargs="+", metavar="CHAPTER",
+                    help="take these chapters' solutions from the reference (e.g. ch01) and grade the rest")
+    gr.add_argument("--timeout", type=float, default=60.0, help="seconds one test may run (default 60)")
+    gr.add_argument("--report", default="grade.json", help="where to write the JSON report (default ./grade.json)")
+    gr.set_defaults(func=cmd_grade)
     return parser
 
 

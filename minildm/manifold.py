@@ -123,6 +123,7 @@ def twonn_dimension(x: Tensor, discard_fraction: float = 0.1) -> TwoNNResult:
     """
     if not 0 <= discard_fraction < 1:
         raise ValueError(f"discard_fraction must be in [0, 1), e.g. 0.1; got {discard_fraction}")
+    # BEGIN SOLUTION ch01.twonn
     points, dropped = drop_duplicates(x)
     r = nearest_distances(points, k=2)                             # (N, 2)
     r = r[r[:, 0] > 0]                                             # near-duplicates that survived rounding
@@ -139,6 +140,7 @@ def twonn_dimension(x: Tensor, discard_fraction: float = 0.1) -> TwoNNResult:
     # the Pareto likelihood prod d mu^(-d-1) peaks at d = N / sum(log mu); N - 1 makes it unbiased
     mle = (n - 1) / mu.log().sum()
     return TwoNNResult(float(slope), float(mle), n, dropped)
+    # END SOLUTION
 
 
 def mle_dimension(x: Tensor, k: int | range = 10) -> float:

@@ -11,8 +11,9 @@ and puts a fenced Python block right under it:
 
 The name after `::` is a module-level function, class or assignment (`latent_shape`, `ResBlock`, `EVAL_SEED`) or a
 method (`Class.method`). The block must hold exactly that object's source as Python's `ast` sees it: from its first
-decorator to its last line, dedented. `check` lists every quote that has drifted from the package, with a diff;
-`sync` rewrites the blocks from the source. From the command line:
+decorator to its last line, dedented, without the `# BEGIN/END SOLUTION` lines that mark exercises (see
+`minildm.grading`). `check` lists every quote that has drifted from the package, with a diff; `sync` rewrites the
+blocks from the source. From the command line:
 
     python -m minildm.quotes check chapters/
     python -m minildm.quotes sync chapters/
@@ -27,6 +28,8 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+
+from minildm.grading.regions import is_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent     # quote paths are relative to the repository root
 MARKER = re.compile(r"^<!--\s*quote:\s*(?P<path>\S+?)::(?P<name>[A-Za-z_][\w.]*)\s*-->\s*$")
@@ -166,6 +169,7 @@ def object_source(path: str, name: str, root: str | Path = REPO_ROOT) -> str:
         node = names[part]
     first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
     lines = text.splitlines()[first - 1:node.end_lineno]
+    lines = [line for line in lines if not is_marker(line)]     # exercise markers are for the workbook, not the reader
     return textwrap.dedent("\n".join(lines)).rstrip("\n")
 
 

@@ -121,12 +121,15 @@ def training_pixels(cfg: VAETrainConfig) -> torch.Tensor:
 @torch.no_grad()
 def measure_scale_factor(vae: AutoencoderKL, pixels: torch.Tensor, count: int, seed: int) -> float:
     """s = 1 / std(z) over posterior samples of training images, so that z_0 = s z has unit variance (SD: 0.18215)."""
+    # BEGIN SOLUTION ch02.scale_factor
     samples, device = [], next(vae.parameters()).device
-    for start in range(0, min(count, len(pixels)), 256):
-        x = to_tensor_batch(pixels[start:start + 256].numpy()).to(device)
+    stop = min(count, len(pixels))
+    for start in range(0, stop, 256):
+        x = to_tensor_batch(pixels[start:min(start + 256, stop)].numpy()).to(device)
         samples.append(vae.encode(x).sample(step_generator(seed, start, 9)).cpu())
     # s = 1 / std(z)
     return float(1.0 / torch.cat(samples).std())
+    # END SOLUTION
 
 
 @torch.no_grad()

@@ -1,0 +1,94 @@
+"""The exercises: one entry per task id that the package marks with `# BEGIN SOLUTION <id>`.
+
+The hint is what a stuck student reads, in the workbook's stub and in the grade report: the idea and the
+convention the tests hold them to, not the code. `section` is a heading of the chapter, so the hint can send them
+to the right page. Points live with the tests (`@pytest.mark.points`), which is where they are earned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str              # "ch02.gaussian_kl": the chapter, then a name
+    title: str           # what the student builds, in a few words
+    hint: str            # the idea and the conventions the tests check
+    section: str         # a heading of the chapter, word for word
+
+    @property
+    def chapter(self) -> str:
+        return self.id.split(".")[0]                  # "ch02"
+
+    @property
+    def number(self) -> str:
+        return self.chapter[2:]                       # "02"
+
+    def message(self) -> str:
+        """The text of the workbook's NotImplementedError (after the task id)."""
+        return f"{self.hint} (see chapter {self.number}, section: {self.section})"
+
+
+TASKS: dict[str, Task] = {t.id: t for t in [
+    Task("ch01.latent_shape", "latent shape arithmetic",
+         "return (C, H / f, W / f) with f = config.downsampling_factor and C = config.latent_channels; raise a "
+         "ValueError that names a size that works when f does not divide both sides (or a side is not positive)",
+         "The shapes, in code"),
+    Task("ch01.twonn", "the TwoNN intrinsic dimension",
+         "after drop_duplicates, take each point's two nearest distances (nearest_distances), mu = r2 / r1 sorted; "
+         "fit -log(1 - i/N) = d log mu through the origin on all but the largest discard_fraction (and always the "
+         "last) ratios, and give the MLE (N - 1) / sum(log mu) too",
+         "2. TwoNN: the ratio of the two nearest distances"),
+    Task("ch02.psnr", "PSNR per image",
+         "map both images from [-1, 1] to [0, 1] (clamped), take the mean squared error per image, floor it at "
+         "1e-10, and return 10 log10(1 / MSE) as a (B,) tensor",
+         "The claim"),
+    Task("ch02.resblock", "a ResBlock forward pass",
+         "two steps of GroupNorm -> SiLU -> 3x3 conv (norm1/conv1, then norm2/dropout/conv2), and the input "
+         "added back through self.skip",
+         "ResBlock"),
+    Task("ch02.reparameterize", "the reparameterisation trick",
+         "z = mean + std * eps, with eps ~ N(0, I) of mean's shape drawn in float32 from `generator` and then "
+         "moved to mean's device and dtype, so that gradients reach mean and logvar",
+         "The diagonal Gaussian and the reparameterisation trick"),
+    Task("ch02.gaussian_kl", "the KL to N(0, I)",
+         "KL = 1/2 (mean^2 + var - 1 - logvar) for each latent number, summed over (C, h, w): one value per item",
+         "The KL to N(0, I), in closed form"),
+    Task("ch02.scale_factor", "measuring the scale factor",
+         "encode the first `count` images in batches of 256, draw one posterior sample per image with "
+         "step_generator(seed, start, 9), and return 1 / std of all the samples together, as a float",
+         "The scale factor"),
+]}
+
+
+def chapters() -> list[str]:
+    return sorted({t.chapter for t in TASKS.values()})
+
+
+def select(patterns: list[str] | None) -> list[Task]:
+    """Tasks named by ids, chapters ("ch02") or globs ("ch02.*"), in registry order; none given means all.
+
+    A pattern that matches nothing is a ValueError that lists the known chapters and tasks.
+    """
+    if not patterns:
+        return list(TASKS.values())
+    chosen = set()
+    for pattern in patterns:
+        for part in filter(None, pattern.split(",")):
+            matched = {i for i in TASKS if i == part or TASKS[i].chapter == part or fnmatch.fnmatchcase(i, part)}
+            if not matched:
+                raise ValueError(f"unknown chapter or task {part!r}; known chapters: {', '.join(chapters())}; "
+                                 f"known tasks: {', '.join(TASKS)}")
+            chosen |= matched
+    return [t for i, t in TASKS.items() if i in chosen]
+
+
+def chapter_ids(names: list[str] | None) -> list[str]:
+    """Validate chapter ids such as "ch02" (for --use-reference-for); unknown ones are a ValueError."""
+    known = chapters()
+    for name in names or []:
+        if name not in known:
+            raise ValueError(f"unknown chapter {name!r} for --use-reference-for; chapters with tasks: {', '.join(known)}")
+    return list(names or [])

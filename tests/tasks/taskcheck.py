@@ -1,0 +1,87 @@
+"""Checks for the task tests: failures that say what is wrong (shape, dtype, errors, where) and where to read.
+
+These live with the tests, not in the package: when `minildm grade` runs, `minildm` is the student's code, and the
+checks must not be theirs. A failure never shows the reference solution, only what was expected of the output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+
+def section(task: str) -> str:
+    """Where the chapter explains the task (from the task list; the student's copy can only change the wording)."""
+    try:
+        from minildm.grading.tasks import TASKS
+        return f" (see chapter {TASKS[task].number}, section: {TASKS[task].section})"
+    except Exception:                                     # noqa: BLE001 - a message must never fail the check
+        return ""
+
+
+def fail(task: str, message: str) -> None:
+    pytest.fail(f"{message}{section(task)}", pytrace=False)
+
+
+def check_close(actual, expected: torch.Tensor, task: str, what: str, atol: float = 1e-5, rtol: float = 1e-5,
+                dtype: torch.dtype | None = None) -> None:
+    """`actual` must be a tensor of expected's shape (and `dtype`, if given) within atol + rtol * |expected|."""
+    if not isinstance(actual, torch.Tensor):
+        fail(task, f"{what}: expected a tensor of shape {tuple(expected.shape)}, got {type(actual).__name__}")
+    if tuple(actual.shape) != tuple(expected.shape):
+        fail(task, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if dtype is not None and actual.dtype != dtype:
+        fail(task, f"{what}: dtype {actual.dtype}, expected {dtype}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    error = (a - e).abs()
+    bad = ~(error <= atol + rtol * e.abs())                # NaN counts as bad
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0]) if a.ndim else ()
+        rel = (error / e.abs().clamp_min(1e-12))[bad]
+        fail(task, f"{what}: {int(bad.sum())} of {a.numel()} values differ; max abs error "
+                   f"{error[bad].max().item():.3g}, max rel error {rel.max().item():.3g}; first at index {first}: "
+                   f"got {a[first].item():.6g}, expected {e[first].item():.6g}")
+
+
+def check_number(actual, expected: float, task: str, what: str, rel: float = 1e-6, abs_: float = 0.0) -> None:
+    """A plain number within rel * |expected| + abs_ of the expected one."""
+    if isinstance(actual, torch.Tensor) and actual.numel() == 1:
+        actual = actual.item()
+    if not isinstance(actual, (int, float)):
+        fail(task, f"{what}: expected a number, got {type(actual).__name__}")
+    if not abs(actual - expected) <= rel * abs(expected) + abs_:
+        fail(task, f"{what}: got {actual:.6g}, expected {expected:.6g} (error {abs(actual - expected):.3g})")
+
+
+def forbid(monkeypatch, task: str, *targets: str) -> None:
+    """Make the named functions raise, so the exercise cannot hand the work to torch or diffusers.
+
+    A target is "module.path:attribute.path" ("torch.distributions:kl_divergence"). A package that is not loaded
+    yet (diffusers, usually) is blocked whole for the test instead: importing it fails, and loading it just to
+    patch it would cost seconds. Besides the attribute itself, any name in a loaded minildm module bound to the
+    same object (as after `from torch.distributions import kl_divergence`) is replaced too.
+    """
+    for target in targets:
+        module_name, _, attribute = target.partition(":")
+        top = module_name.split(".")[0]
+        if top not in sys.modules:
+            monkeypatch.setitem(sys.modules, top, None)        # `import diffusers` now raises ImportError
+            continue
+        owner = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+
+        def refuse(*args, _target=f"{module_name}.{attribute}", **kwargs):
+            raise AssertionError(f"{task} must be written by hand: it may not call {_target}")
+
+        monkeypatch.setattr(owner, name, refuse)
+        ours = [m for n, m in list(sys.modules.items()) if m is not None and n.split(".")[0] == "minildm"]
+        for module in ours:
+            for bound, value in list(vars(module).items()):
+                if value is original:
+                    monkeypatch.setattr(module, bound, refuse)
