@@ -86,9 +86,10 @@ def cmd_workbook_build(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from minildm.grading.grader import grade, write_report
+    from minildm.grading.grader import check_report_path, grade, write_report
 
     report_path = Path(args.report)
+    check_report_path(report_path)
     report = grade(args.impl, args.tasks or None, args.extra_tests, args.use_reference_for, timeout=args.timeout)
     print(report.table())
     write_report(report, report_path)

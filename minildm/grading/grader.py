@@ -17,6 +17,7 @@ own NotImplementedError is "not started".
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,7 +30,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minildm.grading.regions import RegionError, find_regions, replace_regions, solution_lines
+from minildm.grading.regions import (
+    RegionError,
+    find_regions,
+    replace_regions,
+    solution_lines,
+)
 from minildm.grading.tasks import TASKS, Task, chapter_ids, select
 from minildm.grading.workbook import IGNORED, MANIFEST
 from minildm.quotes import REPO_ROOT
@@ -218,7 +224,7 @@ def repair_imports(sandbox: Path, python: str, timeout: float) -> tuple[dict[str
         modules = ["minildm", *differing_modules(sandbox)]
         try:
             run = subprocess.run([python, f"{IMPORT_CHECK}.py", *modules], cwd=sandbox, capture_output=True,
-                                 text=True, timeout=timeout, env=child_env(sandbox))
+                                 text=True, timeout=timeout, env=child_env(sandbox), check=False)
             found = json.loads(run.stdout.strip().splitlines()[-1])
         except subprocess.TimeoutExpired:
             found = {m: {"file": None, "line": 0, "error": f"importing it took more than {timeout:g} s"} for m in modules}
@@ -320,6 +326,10 @@ def run_tests(sandbox: Path, task_ids: list[str], zero: list[str], python: str, 
                          f"the test process died (exit code {proc.returncode}) during this test")
         if any(e["event"] == "fatal" for e in events):
             break
+        if not results:
+            output = (sandbox / f"pytest-{attempt}.out").read_text(errors="replace").strip().splitlines()
+            problems.append("pytest ran no task test: " + " | ".join(output[-5:]))
+            break
         remaining = [n for n, r in results.items() if r.outcome == "not run" and r.task not in zero]
         if not remaining or running is None:
             break
@@ -419,6 +429,8 @@ def grade(impl: str | Path | None = None, patterns: list[str] | None = None, ext
           keep: bool = False) -> GradeReport:
     """Grade the tasks matching `patterns` in the copy at `impl` (see the module docstring)."""
     impl = resolve_impl(impl)
+    if importlib.util.find_spec("pytest") is None:
+        raise FileNotFoundError("grading needs pytest; install it with pip install pytest (or the dev extra)")
     tests = REPO_ROOT / "tests" / "tasks"
     if not tests.is_dir():
         tests = impl / "tests" / "tasks"
@@ -439,7 +451,7 @@ def grade(impl: str | Path | None = None, patterns: list[str] | None = None, ext
     sandbox = prepare(impl, tests, extra)
     try:
         problems = put_reference(sandbox, reference_for)
-        broken, more = repair_imports(sandbox, python, timeout)
+        broken, more = repair_imports(sandbox, python, max(timeout, 120.0))
         problems += more
         broken_tasks = tasks_in(impl, list(broken))
         zero = [t.id for t in chosen if t.id in broken_tasks]
@@ -456,8 +468,8 @@ def grade(impl: str | Path | None = None, patterns: list[str] | None = None, ext
     return GradeReport(impl, tests, grades, reference_for, problems)
 
 
-def write_report(report: GradeReport, path: Path) -> None:
-    """Write grade.json; a file there that is not an earlier grade report is left alone (a ValueError says so)."""
+def check_report_path(path: Path) -> None:
+    """grade.json may replace an earlier grade report, never anything else (a FileExistsError says so)."""
     if path.exists():
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
@@ -465,5 +477,9 @@ def write_report(report: GradeReport, path: Path) -> None:
             earlier = None
         if not (isinstance(earlier, dict) and {"score", "max_score", "tasks"} <= set(earlier)):
             raise FileExistsError(f"{path} exists and is not a grade report; pass --report with another file name")
+
+
+def write_report(report: GradeReport, path: Path) -> None:
+    check_report_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")

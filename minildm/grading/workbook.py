@@ -18,7 +18,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from minildm.grading.regions import Region, RegionError, find_regions, is_marker, package_regions, stub_line
+from minildm.grading.regions import (
+    Region,
+    RegionError,
+    find_regions,
+    is_marker,
+    package_regions,
+    stub_line,
+)
 from minildm.grading.tasks import TASKS, Task, select
 from minildm.quotes import REPO_ROOT, sync
 

@@ -115,7 +115,8 @@ def test_resblock_matches_the_chapter_computed_by_hand(monkeypatch, seed, c_in, 
 
 @pytest.mark.task(RESBLOCK)
 @pytest.mark.points(1)
-def test_resblock_applies_dropout_before_its_second_conv():
+def test_resblock_applies_dropout_before_its_second_conv(monkeypatch):
+    forbid(monkeypatch, RESBLOCK, "diffusers.models.resnet:ResnetBlock2D")
     block = randomised(ResBlock(8, 16, 4, dropout=1.0), 3).train()       # p = 1 zeroes whatever it sees
     x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(4))
     # everything reaching conv2 is zero, so only its bias is left on the residual path
@@ -126,7 +127,8 @@ def test_resblock_applies_dropout_before_its_second_conv():
 
 @pytest.mark.task(RESBLOCK)
 @pytest.mark.points(2)
-def test_resblock_gradients_pass_gradcheck_in_float64():
+def test_resblock_gradients_pass_gradcheck_in_float64(monkeypatch):
+    forbid(monkeypatch, RESBLOCK, "diffusers.models.resnet:ResnetBlock2D")
     block = randomised(ResBlock(4, 8, 2), 5).double()
     x = torch.randn(1, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6), requires_grad=True)
     try:
@@ -199,7 +201,8 @@ def test_gradients_reach_mean_and_logvar(monkeypatch, seed):
 
 @pytest.mark.task(REPARAM)
 @pytest.mark.points(1)
-def test_sample_passes_gradcheck_in_float64():
+def test_sample_passes_gradcheck_in_float64(monkeypatch):
+    forbid(monkeypatch, REPARAM, *FORBIDDEN_GAUSSIANS)
     moments = random_moments(3, (1, 2, 2, 3), torch.float64).requires_grad_()
 
     def draw(m):
@@ -254,7 +257,8 @@ def test_kl_is_one_number_per_item_summed_over_latent_dimensions(monkeypatch):
 
 @pytest.mark.task(KL)
 @pytest.mark.points(1)
-def test_kl_passes_gradcheck_in_float64():
+def test_kl_passes_gradcheck_in_float64(monkeypatch):
+    forbid(monkeypatch, KL, *FORBIDDEN_GAUSSIANS)
     moments = random_moments(8, (2, 2, 2, 2), torch.float64).requires_grad_()
     if not torch.autograd.gradcheck(lambda m: DiagonalGaussian(m).kl(), (moments,), eps=1e-6, atol=1e-6,
                                     raise_exception=False):
