@@ -100,8 +100,7 @@ class GradeReport:
             "use_reference_for": self.reference_for, "problems": self.problems,
             "tasks": [{"task": g.task.id, "title": g.task.title, "status": g.status, "points": g.earned,
                        "max_points": g.possible, "note": g.note,
-                       "hint": "" if g.status == "passed" else f"{g.task.hint} (see chapter {g.task.number}, "
-                                                                f"section: {g.task.section})",
+                       "hint": "" if g.status == "passed" else g.task.message(),
                        "tests": [asdict(t) for t in g.tests]} for g in self.grades],
         }
 
@@ -464,7 +463,7 @@ def grade(impl: str | Path | None = None, patterns: list[str] | None = None, ext
     for task in chosen:
         tests_of = [classify(r) for r in results.values() if r.task == task.id]
         file = broken_tasks.get(task.id)
-        grades.append(grade_task(task, tests_of, file, f"{broken[file]}" if file else ""))
+        grades.append(grade_task(task, tests_of, file, broken.get(file, "")))
     return GradeReport(impl, tests, grades, reference_for, problems)
 
 
