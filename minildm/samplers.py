@@ -1,0 +1,516 @@
+"""Chapter 07: reverse diffusion. Start from noise; at each step ask the model what the noise is, and remove some.
+
+Every sampler here answers the same two questions: at which timesteps to ask the model (`timesteps`), and how
+to move z from one noise level to the next given the model's answer (`step`). They fall into two families:
+
+- discrete-time samplers (DDPM, DDIM, PLMS) step between timesteps t of the training schedule, on z_t itself;
+- sigma-space samplers (Euler, Euler ancestral, Heun, DPM++ 2M) see the same process as an ODE or SDE in the
+  noise level sigma (Karras et al. 2022): x = z_t / sqrt(alpha_bar_t) = z_0 + sigma eps. Euler and Heun step on x;
+  DPM-Solver++ steps on z_t in log-SNR.
+
+Each is written to match its diffusers scheduler step for step (same timesteps, same formulas, the same noise
+drawn in the same order from the generator): the tests in tests/oracle/ hold them to it. Where diffusers' DDIM and
+PLMS step to `t - T // N` rather than to the next timestep they chose, we step to the next timestep; the two
+agree whenever the timesteps are evenly spaced ("leading", or "trailing" with N dividing T).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from minildm.device import randn
+from minildm.schedule import NoiseSchedule
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]       # model_fn(z_t, t) -> eps, z_0 or v, as the schedule says
+
+
+# --------------------------------------------------------------------------------------------- timesteps
+
+
+def spaced_timesteps(spacing: str, num_timesteps: int, num_steps: int, steps_offset: int = 0,
+                     rounded: bool = True) -> np.ndarray:
+    """N of the T training timesteps, descending (Lin et al. 2024, table 2). numpy, as diffusers computes them,
+    so that a rounding tie breaks the same way.
+
+    linspace: evenly from T-1 down to 0;  leading: 0, T//N, 2T//N, ... (+ steps_offset), so the largest is below
+    T-1;  trailing: T-1, T-1-T/N, ..., so the first step starts from the noisiest timestep.
+    """
+    if spacing == "linspace":
+        t = np.linspace(0, num_timesteps - 1, num_steps, dtype=np.float64 if rounded else np.float32)
+        t = t.round() if rounded else t
+    elif spacing == "leading":
+        t = (np.arange(0, num_steps) * (num_timesteps // num_steps)).round() + steps_offset
+    elif spacing == "trailing":
+        t = (np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)) - 1)[::-1]
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of leading, trailing, linspace")
+    t = t[::-1].copy()
+    if t.max() > num_timesteps - 1 or t.min() < 0 or (np.diff(t) >= 0).any():
+        raise ValueError(f"{spacing} spacing with steps_offset={steps_offset} gives timesteps outside 0..{num_timesteps - 1} "
+                         f"or repeated for {num_steps} steps; use fewer steps or another spacing")
+    return t
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022), eq. 5: noise levels evenly spaced in sigma^(1/rho), so most steps are spent at low
+    noise, where the image's details are decided."""
+    ramp = np.linspace(0, 1, num_steps)
+    # sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, all_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) timestep at which the schedule reaches each sigma, interpolating log sigma."""
+    return np.interp(np.log(np.maximum(sigmas, 1e-10)), np.log(all_sigmas), np.arange(len(all_sigmas)))
+
+
+# ---------------------------------------------------------------------------------------------- the base
+
+
+@dataclass
+class Step:
+    """What the sampling loop shows the callback at each model evaluation."""
+
+    index: int           # which evaluation (0 .. len(timesteps) - 1)
+    t: float             # the timestep the model was asked about
+    zt: Tensor           # the latent the model saw (the model's input: z_t, on the training schedule's scale)
+    output: Tensor       # the model's answer (eps, z_0 or v)
+    z0_hat: Tensor       # the clean latent that answer implies
+
+
+class Sampler:
+    """Base class. `timesteps[i]` is the i-th model evaluation; `step` turns its output into the next latent."""
+
+    name = ""
+    order = 1                                           # model evaluations per step (Heun: 2)
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, **options):
+        if not isinstance(num_steps, int) or not 1 <= num_steps <= schedule.num_timesteps:
+            raise ValueError(f"num_steps must be an integer from 1 to {schedule.num_timesteps} (the schedule's T); "
+                             f"got {num_steps!r}")
+        self.schedule, self.num_steps = schedule, num_steps
+        self.spacing = options.pop("timestep_spacing", schedule.timestep_spacing)
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"{self.name} has no option {', '.join(unknown)}; it takes "
+                             f"{', '.join(['timestep_spacing', *self.options]) or 'none'}")
+        for key, default in self.options.items():
+            setattr(self, key, options.get(key, default))
+        self.timesteps = torch.empty(0)
+
+    options: dict = {}
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """The starting noise's standard deviation: 1 for samplers on z_t, sigma_max for those on x."""
+        return 1.0
+
+    def reset(self) -> None:
+        """Forget what a multistep sampler remembers from earlier steps (called before every run)."""
+
+    def model_input(self, z: Tensor, i: int) -> Tensor:
+        return z
+
+    def noise_level(self, i: int) -> float:
+        """sigma before evaluation i: used to noise an image for img2img."""
+        return float(self.schedule.sigmas[int(self.timesteps[i])])
+
+    def add_noise(self, z0: Tensor, noise: Tensor, i: int) -> Tensor:
+        """z as it would be just before evaluation i, for a clean z0: img2img starts here."""
+        sigma = self.noise_level(i)
+        # z_t = (z_0 + sigma eps) / sqrt(1 + sigma^2)  =  sqrt(alpha_bar) z_0 + sqrt(1 - alpha_bar) eps
+        return (z0 + sigma * noise) / math.sqrt(1 + sigma ** 2)
+
+    def start_index(self, strength: float) -> int:
+        """img2img: skip the first (1 - strength) of the steps, as diffusers does."""
+        skip = self.num_steps - min(int(self.num_steps * strength), self.num_steps)
+        return skip * self.order
+
+    def step(self, i: int, z: Tensor, output: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(the next z, z0_hat) from evaluation i's output."""
+        raise NotImplementedError
+
+    def z0_hat(self, z: Tensor, output: Tensor, t: int) -> Tensor:
+        z0, _ = self.schedule.predict_z0_and_eps(z, output, t)
+        if self.schedule.clip_sample:
+            r = self.schedule.clip_sample_range
+            z0 = z0.clamp(-r, r)
+        return z0
+
+
+# -------------------------------------------------------------------------------- discrete-time samplers
+
+
+class DiscreteSampler(Sampler):
+    """Samplers that step from training timestep t to the next chosen one, on z_t."""
+
+    def __init__(self, schedule, num_steps, **options):
+        super().__init__(schedule, num_steps, **options)
+        self.steps = spaced_timesteps(self.spacing, schedule.num_timesteps, num_steps, schedule.steps_offset)
+        self.timesteps = torch.from_numpy(self.steps.astype(np.int64))
+        if schedule.alpha_bar[int(self.steps[0])] == 0 and schedule.prediction_type == "epsilon":
+            raise ValueError(f"{self.name} starts at t = {int(self.steps[0])}, where alpha_bar = 0 (zero terminal "
+                             "SNR): there z_t is pure noise and eps says nothing about z_0; use a v_prediction "
+                             "model, or a sigma-space sampler (euler, heun, dpmpp_2m)")
+
+    def alpha_bar_after(self, k: int) -> float:
+        """alpha_bar at the timestep after the k-th chosen one; after the last, 1 (or alpha_bar_0)."""
+        if k + 1 < len(self.steps):
+            return float(self.schedule.alpha_bar[int(self.steps[k + 1])])
+        return 1.0 if self.schedule.set_alpha_to_one else float(self.schedule.alpha_bar[0])
+
+
+class DDPM(DiscreteSampler):
+    """Ho et al. (2020): sample the posterior q(z_prev | z_t, z0_hat), a Gaussian with known mean and variance."""
+
+    name = "ddpm"
+    options = {"variance_type": "fixed_small"}
+
+    def alpha_bar_after(self, k):
+        return float(self.schedule.alpha_bar[int(self.steps[k + 1])]) if k + 1 < len(self.steps) else 1.0
+
+    def step(self, i, z, output, generator):
+        t = int(self.steps[i])
+        ab_t, ab_prev = float(self.schedule.alpha_bar[t]), self.alpha_bar_after(i)
+        beta_t = 1 - ab_t / ab_prev                     # the one-step beta between the two chosen timesteps
+        z0 = self.z0_hat(z, output, t)
+        # posterior mean = sqrt(ab_prev) beta_t / (1 - ab_t) z0_hat + sqrt(1 - beta_t) (1 - ab_prev) / (1 - ab_t) z_t
+        mean = (math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0 + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * z
+        if t == 0:
+            return mean, z0
+        if self.variance_type == "fixed_small":
+            # posterior variance = (1 - ab_prev) / (1 - ab_t) beta_t   (the exact one when z_0 is known)
+            variance = max((1 - ab_prev) / (1 - ab_t) * beta_t, 1e-20)
+        elif self.variance_type == "fixed_large":
+            variance = beta_t                            # the upper bound (Ho et al. found both work)
+        else:
+            raise ValueError(f"unknown variance_type {self.variance_type!r}; use fixed_small or fixed_large")
+        noise = randn(z.shape, generator, z.device, z.dtype)
+        return mean + math.sqrt(variance) * noise, z0
+
+
+class DDIM(DiscreteSampler):
+    """Song et al. (2021): the same marginals q(z_t | z_0) with a family of reverse processes; eta = 0 is
+    deterministic (an ODE), eta = 1 has DDPM's variance."""
+
+    name = "ddim"
+    options = {"eta": 0.0}
+
+    def step(self, i, z, output, generator):
+        t = int(self.steps[i])
+        ab_t, ab_prev = float(self.schedule.alpha_bar[t]), self.alpha_bar_after(i)
+        z0, eps = self.schedule.predict_z0_and_eps(z, output, t)
+        if self.schedule.clip_sample:
+            z0 = z0.clamp(-self.schedule.clip_sample_range, self.schedule.clip_sample_range)
+        # sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)
+        std = self.eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+        # z_prev = sqrt(ab_prev) z0_hat + sqrt(1 - ab_prev - sigma_t^2) eps_hat + sigma_t noise
+        z_prev = math.sqrt(ab_prev) * z0 + math.sqrt(1 - ab_prev - std ** 2) * eps
+        if self.eta > 0:
+            z_prev = z_prev + std * randn(z.shape, generator, z.device, z.dtype)
+        return z_prev, z0
+
+
+class PLMS(DiscreteSampler):
+    """Liu et al. (2022), pseudo linear multistep: combine the last four eps estimates as Adams-Bashforth does,
+    then take a DDIM-like step. The first step is taken twice (a Heun-like warm-up), so N steps cost N + 1
+    model evaluations, as with diffusers' PNDMScheduler(skip_prk_steps=True)."""
+
+    name = "plms"
+
+    def __init__(self, schedule, num_steps, **options):
+        super().__init__(schedule, num_steps, **options)
+        if schedule.prediction_type == "sample":
+            raise ValueError("plms needs a model that predicts eps or v, not the sample; use ddim or euler")
+        # [t0, t1, t1, t2, ..., t_{N-1}]: every timestep but the first is evaluated once, t1 twice
+        evaluations = [self.steps[0]] + ([self.steps[1]] if len(self.steps) > 1 else []) + list(self.steps[1:])
+        self.timesteps = torch.tensor([int(t) for t in evaluations])
+        self.reset()
+
+    def reset(self):
+        self.eps_history, self.counter, self.first_z = [], 0, None
+
+    def start_index(self, strength):
+        return self.num_steps - min(int(self.num_steps * strength), self.num_steps)
+
+    def transfer(self, z: Tensor, eps: Tensor, t: int, ab_prev: float) -> Tensor:
+        """Move z from t to the next timestep with the eps estimate (PNDM's transfer, eq. 11 of Liu et al.)."""
+        ab_t = float(self.schedule.alpha_bar[t])
+        if self.schedule.prediction_type == "v_prediction":
+            eps = math.sqrt(ab_t) * eps + math.sqrt(1 - ab_t) * z
+        # z_prev = sqrt(ab_prev / ab_t) z - (ab_prev - ab_t) eps / (ab_t sqrt(1 - ab_prev) + sqrt(ab_t (1 - ab_t) ab_prev))
+        denominator = ab_t * math.sqrt(1 - ab_prev) + math.sqrt(ab_t * (1 - ab_t) * ab_prev)
+        return math.sqrt(ab_prev / ab_t) * z - (ab_prev - ab_t) * eps / denominator
+
+    def step(self, i, z, output, generator):
+        t = int(self.timesteps[i])
+        z0 = self.z0_hat(z, output, t)
+        k = int(np.nonzero(self.steps == t)[0][0])      # which chosen timestep this is
+        if self.counter == 1:                            # the warm-up: average the two estimates, redo step one
+            combined, z, k = (output + self.eps_history[-1]) / 2, self.first_z, k - 1
+        else:
+            self.eps_history = [*self.eps_history[-3:], output]
+            e = self.eps_history[::-1]                   # newest first
+            # Adams-Bashforth with 1, 2, 3 or 4 past estimates
+            if len(e) == 1:
+                combined = e[0]
+            elif len(e) == 2:
+                combined = (3 * e[0] - e[1]) / 2
+            elif len(e) == 3:
+                combined = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+            else:
+                combined = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
+            if self.counter == 0:
+                self.first_z = z
+        self.counter += 1
+        return self.transfer(z, combined, int(self.steps[k]), self.alpha_bar_after(k)), z0
+
+
+# ---------------------------------------------------------------------------------- sigma-space samplers
+
+
+class SigmaSampler(Sampler):
+    """Samplers on x = z_t / sqrt(alpha_bar_t) = z_0 + sigma eps, whose noise level sigma falls to 0.
+
+    The model was trained on z_t, so its input is x / sqrt(sigma^2 + 1); the start is noise of std sigma_max.
+    """
+
+    options = {"use_karras_sigmas": None}
+
+    def __init__(self, schedule, num_steps, **options):
+        super().__init__(schedule, num_steps, **options)
+        if self.use_karras_sigmas is None:
+            self.use_karras_sigmas = schedule.use_karras_sigmas
+        alpha_bar = schedule.alpha_bar.clone()
+        if schedule.rescale_betas_zero_snr:
+            alpha_bar[-1] = 2.0 ** -24                  # sigma_T would be infinite; diffusers uses this floor
+        self.all_sigmas = ((1 - alpha_bar) / alpha_bar).sqrt().numpy()         # (T,), rising with t
+        t, sigmas = self.choose_sigmas()
+        self.timesteps = torch.from_numpy(np.asarray(t, dtype=np.float32))
+        self.sigmas = torch.from_numpy(np.append(sigmas, 0.0))                 # (N + 1,), ends at 0
+
+    def choose_sigmas(self) -> tuple[np.ndarray, np.ndarray]:
+        """Euler's and Heun's choice (diffusers' EulerDiscreteScheduler): the spaced timesteps, unrounded for
+        linspace, and sigma interpolated there; or Karras sigmas between the same two ends."""
+        s = self.schedule
+        t = spaced_timesteps(self.spacing, s.num_timesteps, self.num_steps, s.steps_offset, rounded=False)
+        sigmas = np.interp(t, np.arange(s.num_timesteps), self.all_sigmas)
+        if self.use_karras_sigmas:
+            sigmas = karras_sigmas(sigmas[-1], sigmas[0], self.num_steps)
+            t = sigma_to_t(sigmas, self.all_sigmas)
+        return t, sigmas
+
+    @property
+    def init_noise_sigma(self) -> float:
+        sigma_max = float(self.sigmas.max())
+        # x_T = sigma_max eps; "leading" never reaches t = T-1, and diffusers then starts at sqrt(sigma^2 + 1)
+        return sigma_max if self.spacing in ("linspace", "trailing") else math.sqrt(sigma_max ** 2 + 1)
+
+    def noise_level(self, i):
+        return float(self.sigmas[i])
+
+    def add_noise(self, z0, noise, i):
+        return z0 + self.noise_level(i) * noise          # x = z_0 + sigma eps
+
+    def model_input(self, x, i):
+        # z_t = x / sqrt(sigma^2 + 1)
+        return x / math.sqrt(self.noise_level(i) ** 2 + 1)
+
+    def denoised(self, x: Tensor, output: Tensor, sigma: float) -> Tensor:
+        """z0_hat from the model's output at noise level sigma (x is on the sigma scale)."""
+        kind = self.schedule.prediction_type
+        if kind == "epsilon":
+            return x - sigma * output                    # x = z_0 + sigma eps
+        if kind == "v_prediction":
+            # z_0 = sqrt(ab) z_t - sqrt(1 - ab) v, with z_t = x / sqrt(sigma^2 + 1), sqrt(ab) = 1 / sqrt(sigma^2 + 1)
+            return output * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
+        return output
+
+
+class Euler(SigmaSampler):
+    """Karras et al. (2022), algorithm 1 without churn: one Euler step of the probability-flow ODE
+    dx/dsigma = (x - z0_hat) / sigma."""
+
+    name = "euler"
+
+    def step(self, i, x, output, generator):
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        z0 = self.denoised(x, output, sigma)
+        # d = (x - z0_hat) / sigma ;  x_next = x + d (sigma_next - sigma)
+        d = (x - z0) / sigma
+        return x + d * (sigma_next - sigma), z0
+
+
+class EulerAncestral(SigmaSampler):
+    """Euler down to sigma_down, then fresh noise of std sigma_up, chosen so the step lands on sigma_next with the
+    DDPM posterior's variance (k-diffusion's get_ancestral_step)."""
+
+    name = "euler_a"
+
+    def step(self, i, x, output, generator):
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        z0 = self.denoised(x, output, sigma)
+        # sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 ;  sigma_down^2 = sigma_next^2 - sigma_up^2
+        sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
+        sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
+        x = x + (x - z0) / sigma * (sigma_down - sigma)
+        noise = randn(x.shape, generator, x.device, x.dtype)   # drawn at every step, as diffusers does
+        return x + noise * sigma_up, z0
+
+
+class Heun(SigmaSampler):
+    """Karras et al. (2022), algorithm 1: an Euler step, then a second model call at its end point and the
+    average of the two slopes (a 2nd-order method). The last step, to sigma = 0, is a plain Euler step. The two
+    calls of a step are two entries of `timesteps`: [t0, t1, t1, t2, t2, ..., t_{N-1}, t_{N-1}]."""
+
+    name = "heun"
+    order = 2
+
+    def __init__(self, schedule, num_steps, **options):
+        super().__init__(schedule, num_steps, **options)
+        t, s = self.timesteps, self.sigmas
+        self.step_sigmas = self.sigmas                                           # (N + 1,): one per step
+        self.timesteps = torch.cat([t[:1], t[1:].repeat_interleave(2)])
+        self.sigmas = torch.cat([s[:1], s[1:-1].repeat_interleave(2), s[-1:]])   # one per evaluation, then 0
+        self.reset()
+
+    def reset(self):
+        self.pending = None                          # (x, slope, dt) between the two calls of a step
+
+    def step(self, i, x, output, generator):
+        if self.pending is None:                     # first call: an Euler step from sigma to sigma_next
+            sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+            z0 = self.denoised(x, output, sigma)
+            d = (x - z0) / sigma
+            if sigma_next > 0:
+                self.pending = (x, d, sigma_next - sigma)
+            return x + d * (sigma_next - sigma), z0
+        x_start, d_start, dt = self.pending          # second call, at the Euler step's end point
+        sigma_next = float(self.sigmas[i])
+        z0 = self.denoised(x, output, sigma_next)
+        # x_next = x + dt (d(x, sigma) + d(x_euler, sigma_next)) / 2
+        d = ((x - z0) / sigma_next + d_start) / 2
+        self.pending = None
+        return x_start + d * dt, z0
+
+
+class DPMSolverPP2M(SigmaSampler):
+    """Lu et al. (2022), DPM-Solver++(2M): solve the ODE for z0_hat exactly in log-SNR, using the last two z0_hat
+    estimates as a linear function of lambda (the "midpoint" form). Steps on z_t itself, from unit-variance noise.
+    The first and the last step are first order."""
+
+    name = "dpmpp_2m"
+
+    def choose_sigmas(self):
+        """diffusers' DPMSolverMultistepScheduler: N + 1 points, the last dropped (so t = 0 is not a step), and
+        Karras sigmas span the whole schedule, rounded to integer timesteps."""
+        s, n = self.schedule, self.num_steps
+        if self.spacing == "linspace":
+            t = np.linspace(0, s.num_timesteps - 1, n + 1).round()[::-1][:-1].copy()
+        elif self.spacing == "leading":
+            t = (np.arange(0, n + 1) * (s.num_timesteps // (n + 1))).round()[::-1][:-1].copy() + s.steps_offset
+        else:
+            t = spaced_timesteps(self.spacing, s.num_timesteps, n, s.steps_offset)
+        if self.use_karras_sigmas:
+            sigmas = karras_sigmas(self.all_sigmas[0], self.all_sigmas[-1], n)
+            t = sigma_to_t(sigmas, self.all_sigmas)
+            t = t if s.beta_schedule == "squaredcos_cap_v2" else t.round()
+        else:
+            sigmas = np.interp(t, np.arange(s.num_timesteps), self.all_sigmas)
+        return t.astype(np.int64), sigmas
+
+    def reset(self):
+        self.previous = None                          # (z0_hat, lambda) of the last step
+
+    @property
+    def init_noise_sigma(self):
+        return 1.0
+
+    def add_noise(self, z0, noise, i):
+        return Sampler.add_noise(self, z0, noise, i)       # on z_t, like the discrete samplers
+
+    def model_input(self, z, i):
+        return z
+
+    @staticmethod
+    def alpha_sigma(sigma: float) -> tuple[float, float]:
+        """(alpha_t, sigma_t) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) from the Karras sigma."""
+        alpha = 1 / math.sqrt(sigma ** 2 + 1)
+        return alpha, sigma * alpha
+
+    def step(self, i, z, output, generator):
+        alpha_s, sigma_s = self.alpha_sigma(float(self.sigmas[i]))
+        alpha_t, sigma_t = self.alpha_sigma(float(self.sigmas[i + 1]))
+        kind = self.schedule.prediction_type
+        z0 = {"epsilon": lambda: (z - sigma_s * output) / alpha_s, "sample": lambda: output,
+              "v_prediction": lambda: alpha_s * z - sigma_s * output}[kind]()
+        # lambda = log(alpha / sigma): half the log-SNR; h is the step in it
+        lambda_s = math.log(alpha_s) - math.log(sigma_s)
+        lambda_t = math.log(alpha_t) - math.log(sigma_t) if sigma_t > 0 else math.inf
+        h = lambda_t - lambda_s
+        last = i == len(self.timesteps) - 1
+        if self.previous is None or last:
+            # first order (DDIM in these variables): z_t = sigma_t / sigma_s z - alpha_t (e^-h - 1) z0_hat
+            d = z0
+        else:
+            z0_before, lambda_before = self.previous
+            r = (lambda_s - lambda_before) / h
+            # D = z0_hat + (z0_hat - z0_hat_before) / (2 r): z0_hat extrapolated to the middle of the step
+            d = z0 + 0.5 * (z0 - z0_before) / r
+        self.previous = (z0, lambda_s)
+        return (sigma_t / sigma_s) * z - (alpha_t * math.expm1(-h)) * d, z0
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDPM, DDIM, PLMS, Euler, EulerAncestral, Heun,
+                                                                 DPMSolverPP2M)}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options) -> Sampler:
+    """A sampler by name: ddpm, ddim (eta), plms, euler, euler_a, heun, dpmpp_2m (use_karras_sigmas for the last
+    four); every sampler also takes timestep_spacing = leading | trailing | linspace."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](schedule, num_steps, **options)
+
+
+@torch.no_grad()
+def sample(model_fn: ModelFn, noise: Tensor, sampler: Sampler, generator: torch.Generator | None = None,
+           callback: Callable[[Step], None] | None = None, init: Tensor | None = None,
+           strength: float = 1.0) -> Tensor:
+    """Reverse diffusion: from standard-normal `noise` (B, C, h, w) to a clean latent z_0.
+
+    img2img: give `init` (a clean z_0) and a `strength` in [0, 1]; the loop then starts from `init` noised to the
+    level of step (1 - strength) N and runs the remaining steps (strength 1: from pure noise, as without init).
+    `generator` supplies the fresh noise of stochastic samplers (DDPM, DDIM with eta > 0, Euler ancestral).
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+    sampler.reset()
+    start = 0
+    if init is None:
+        z = noise * sampler.init_noise_sigma                    # the sampler's starting scale
+    else:
+        start = sampler.start_index(strength)
+        if start >= len(sampler.timesteps):
+            return init.clone()                                 # strength 0: nothing to do
+        z = sampler.add_noise(init, noise, start)
+    for i in range(start, len(sampler.timesteps)):
+        t = float(sampler.timesteps[i])
+        zt = sampler.model_input(z, i)
+        output = model_fn(zt, torch.full((z.shape[0],), t, device=z.device))
+        if not torch.isfinite(output).all():
+            raise FloatingPointError(f"the model's output is not finite at step {i} (t = {t:g}); check the model "
+                                     "and its inputs (a NaN in the weights, or a latent far outside the training range)")
+        z, z0_hat = sampler.step(i, z, output, generator)
+        if callback is not None:
+            callback(Step(i, t, zt, output, z0_hat))
+    return z
