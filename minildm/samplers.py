@@ -220,7 +220,11 @@ class DDIM(DiscreteSampler):
 class PLMS(DiscreteSampler):
     """Liu et al. (2022), pseudo linear multistep: combine the last four eps estimates as Adams-Bashforth does,
     then take a DDIM-like step. The first step is taken twice (a Heun-like warm-up), so N steps cost N + 1
-    model evaluations, as with diffusers' PNDMScheduler(skip_prk_steps=True)."""
+    model evaluations, as with diffusers' PNDMScheduler(skip_prk_steps=True).
+
+    The estimates combined are eps, each read from the model's output at its own timestep. diffusers combines the
+    raw outputs, which is the same for an eps model but not for a v model: v changes with t even when eps does not
+    (with the exact denoiser of a single point, diffusers' PLMS misses the point; this one lands on it)."""
 
     name = "plms"
 
@@ -242,20 +246,18 @@ class PLMS(DiscreteSampler):
     def transfer(self, z: Tensor, eps: Tensor, t: int, ab_prev: float) -> Tensor:
         """Move z from t to the next timestep with the eps estimate (PNDM's transfer, eq. 11 of Liu et al.)."""
         ab_t = float(self.schedule.alpha_bar[t])
-        if self.schedule.prediction_type == "v_prediction":
-            eps = math.sqrt(ab_t) * eps + math.sqrt(1 - ab_t) * z
         # z_prev = sqrt(ab_prev / ab_t) z - (ab_prev - ab_t) eps / (ab_t sqrt(1 - ab_prev) + sqrt(ab_t (1 - ab_t) ab_prev))
         denominator = ab_t * math.sqrt(1 - ab_prev) + math.sqrt(ab_t * (1 - ab_t) * ab_prev)
         return math.sqrt(ab_prev / ab_t) * z - (ab_prev - ab_t) * eps / denominator
 
     def step(self, i, z, output, generator):
         t = int(self.timesteps[i])
-        z0 = self.z0_hat(z, output, t)
+        z0, eps = self.schedule.predict_z0_and_eps(z, output, t)   # combine eps estimates, whatever the model gives
         k = int(np.nonzero(self.steps == t)[0][0])      # which chosen timestep this is
         if self.counter == 1:                            # the warm-up: average the two estimates, redo step one
-            combined, z, k = (output + self.eps_history[-1]) / 2, self.first_z, k - 1
+            combined, z, k = (eps + self.eps_history[-1]) / 2, self.first_z, k - 1
         else:
-            self.eps_history = [*self.eps_history[-3:], output]
+            self.eps_history = [*self.eps_history[-3:], eps]
             e = self.eps_history[::-1]                   # newest first
             # Adams-Bashforth with 1, 2, 3 or 4 past estimates
             if len(e) == 1:
@@ -513,4 +515,29 @@ def sample(model_fn: ModelFn, noise: Tensor, sampler: Sampler, generator: torch.
         z, z0_hat = sampler.step(i, z, output, generator)
         if callback is not None:
             callback(Step(i, t, zt, output, z0_hat))
+    return z
+
+
+@torch.no_grad()
+def ddim_invert(model_fn: ModelFn, z0: Tensor, sampler: DDIM, callback: Callable[[Step], None] | None = None) -> Tensor:
+    """Run DDIM (eta = 0) backwards, from a clean z_0 up to the noise that DDIM would turn into it.
+
+    DDIM's step is deterministic, so it can be walked the other way: at each timestep, on the way up, the model's
+    eps at the current z takes the place of the eps at the next one. The approximation is good when steps are
+    small, which is why inversion is a test of a sampler and the basis of image editing (Mokady et al. 2023).
+    """
+    if not isinstance(sampler, DDIM) or sampler.eta != 0:
+        raise ValueError("ddim_invert needs a deterministic DDIM sampler: make_sampler('ddim', schedule, N) with eta 0")
+    schedule = sampler.schedule
+    z, ab_now = z0, sampler.alpha_bar_after(len(sampler.steps) - 1)     # the clean end: alpha_bar = 1 (or ab_0)
+    for k, t in enumerate(int(t) for t in sampler.steps[::-1]):       # t_{N-1} < ... < t_0: upwards
+        output = model_fn(z, torch.full((z.shape[0],), float(t), device=z.device))
+        _, eps = schedule.predict_z0_and_eps(z, output, t)             # the model's eps, reading z as if at t
+        # z0_hat from where we are: z = sqrt(ab_now) z0 + sqrt(1 - ab_now) eps
+        z0_hat = (z - math.sqrt(1 - ab_now) * eps) / math.sqrt(ab_now)
+        ab_now = float(schedule.alpha_bar[t])
+        # one level up: z_t = sqrt(alpha_bar_t) z0_hat + sqrt(1 - alpha_bar_t) eps_hat
+        z = math.sqrt(ab_now) * z0_hat + math.sqrt(1 - ab_now) * eps
+        if callback is not None:
+            callback(Step(k, float(t), z, output, z0_hat))
     return z

@@ -46,6 +46,8 @@ for name in SAMPLERS:
         for prediction in ("epsilon", "v_prediction"):
             if label in ("linear", "cosine", "linspace") and prediction == "v_prediction":
                 continue
+            if sampler == "plms" and prediction == "v_prediction":
+                continue                           # diffusers combines raw v outputs: see PLMS in samplers.py
             CASES.append((name, label, config, steps, prediction))
     if sampler in KARRAS:
         CASES.append((name, "sd_karras", {**SD, "use_karras_sigmas": True}, 15, "epsilon"))
