@@ -208,6 +208,7 @@ class DDIM(DiscreteSampler):
         z0, eps = self.schedule.predict_z0_and_eps(z, output, t)
         if self.schedule.clip_sample:
             z0 = z0.clamp(-self.schedule.clip_sample_range, self.schedule.clip_sample_range)
+        # BEGIN SOLUTION ch07.ddim_step
         # sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)
         std = self.eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
         # z_prev = sqrt(ab_prev) z0_hat + sqrt(1 - ab_prev - sigma_t^2) eps_hat + sigma_t noise
@@ -215,6 +216,7 @@ class DDIM(DiscreteSampler):
         if self.eta > 0:
             z_prev = z_prev + std * randn(z.shape, generator, z.device, z.dtype)
         return z_prev, z0
+        # END SOLUTION
 
 
 class PLMS(DiscreteSampler):
@@ -241,7 +243,12 @@ class PLMS(DiscreteSampler):
         self.eps_history, self.counter, self.first_z = [], 0, None
 
     def start_index(self, strength):
-        return self.num_steps - min(int(self.num_steps * strength), self.num_steps)
+        if strength < 1.0:
+            # part-way, the run would start inside the [t0, t1, t1, t2, ...] plan and the warm-up would redo a
+            # step from the wrong level (diffusers' PNDM does exactly that); refuse rather than be quietly wrong
+            raise ValueError("plms cannot start part-way (img2img strength < 1): its warm-up needs the run's first "
+                             "two evaluations; use ddim, euler or dpmpp_2m for img2img")
+        return 0
 
     def transfer(self, z: Tensor, eps: Tensor, t: int, ab_prev: float) -> Tensor:
         """Move z from t to the next timestep with the eps estimate (PNDM's transfer, eq. 11 of Liu et al.)."""
@@ -343,10 +350,12 @@ class Euler(SigmaSampler):
 
     def step(self, i, x, output, generator):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        # BEGIN SOLUTION ch07.euler_step
         z0 = self.denoised(x, output, sigma)
         # d = (x - z0_hat) / sigma ;  x_next = x + d (sigma_next - sigma)
         d = (x - z0) / sigma
         return x + d * (sigma_next - sigma), z0
+        # END SOLUTION
 
 
 class EulerAncestral(SigmaSampler):
@@ -387,12 +396,11 @@ class Heun(SigmaSampler):
 
     def step(self, i, x, output, generator):
         if self.pending is None:                     # first call: an Euler step from sigma to sigma_next
+            x_euler, z0 = Euler.step(self, i, x, output, generator)
             sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-            z0 = self.denoised(x, output, sigma)
-            d = (x - z0) / sigma
-            if sigma_next > 0:
-                self.pending = (x, d, sigma_next - sigma)
-            return x + d * (sigma_next - sigma), z0
+            if sigma_next > 0:                       # remember the start and the slope there for the correction
+                self.pending = (x, (x - z0) / sigma, sigma_next - sigma)
+            return x_euler, z0
         x_start, d_start, dt = self.pending          # second call, at the Euler step's end point
         sigma_next = float(self.sigmas[i])
         z0 = self.denoised(x, output, sigma_next)
@@ -531,6 +539,7 @@ def ddim_invert(model_fn: ModelFn, z0: Tensor, sampler: DDIM, callback: Callable
     schedule = sampler.schedule
     z, ab_now = z0, sampler.alpha_bar_after(len(sampler.steps) - 1)     # the clean end: alpha_bar = 1 (or ab_0)
     for k, t in enumerate(int(t) for t in sampler.steps[::-1]):       # t_{N-1} < ... < t_0: upwards
+        seen = z
         output = model_fn(z, torch.full((z.shape[0],), float(t), device=z.device))
         _, eps = schedule.predict_z0_and_eps(z, output, t)             # the model's eps, reading z as if at t
         # z0_hat from where we are: z = sqrt(ab_now) z0 + sqrt(1 - ab_now) eps
@@ -539,5 +548,5 @@ def ddim_invert(model_fn: ModelFn, z0: Tensor, sampler: DDIM, callback: Callable
         # one level up: z_t = sqrt(alpha_bar_t) z0_hat + sqrt(1 - alpha_bar_t) eps_hat
         z = math.sqrt(ab_now) * z0_hat + math.sqrt(1 - ab_now) * eps
         if callback is not None:
-            callback(Step(k, float(t), z, output, z0_hat))
+            callback(Step(k, float(t), seen, output, z0_hat))
     return z

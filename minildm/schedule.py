@@ -92,6 +92,9 @@ class NoiseSchedule:
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.timestep_spacing!r}; choose one of "
                              f"{', '.join(TIMESTEP_SPACINGS)}")
+        if self.beta_schedule != "squaredcos_cap_v2" and not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1; got {self.beta_start} and {self.beta_end} "
+                             "(SD: 0.00085 and 0.012)")
         betas = make_betas(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end)
         if self.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -120,9 +123,12 @@ class NoiseSchedule:
     def coefficients(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
         """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for integer timesteps t, shaped (B, 1, 1, 1) like `like`."""
         t = torch.as_tensor(t, device=self.alpha_bar.device).long().reshape(-1)
-        a = self.alpha_bar[t].to(device=like.device, dtype=like.dtype)
+        if t.numel() and (t.min() < 0 or t.max() >= self.num_timesteps):
+            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}; got {t.min().item()}..{t.max().item()}")
+        a = self.alpha_bar[t]                                       # float64: 1 - a keeps its digits at small t
         shape = (-1,) + (1,) * (like.ndim - 1)                      # (B,) -> (B, 1, 1, 1) to broadcast
-        return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
+        return (a.sqrt().to(like.device, like.dtype).view(shape),
+                (1 - a).sqrt().to(like.device, like.dtype).view(shape))
 
     # ------------------------------------------------------------------------------- the forward process
 
@@ -178,7 +184,8 @@ class NoiseSchedule:
     def from_diffusers_config(cls, config: dict) -> NoiseSchedule:
         """Read a diffusers scheduler config (scheduler_config.json as a dict). Keys we do not use (e.g.
         `_class_name`, `skip_prk_steps`) are ignored; settings we do not implement are an error, not a silent
-        difference."""
+        difference. A key the config lacks takes our default (SD v1's), not the diffusers class's: real
+        scheduler_config.json files store every key."""
         unsupported = {"trained_betas": None, "thresholding": False, "timestep_type": "discrete",
                        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
                        "use_flow_sigmas": False}

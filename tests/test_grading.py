@@ -24,7 +24,7 @@ from minildm.grading.regions import (
     solution_lines,
 )
 from minildm.grading.tasks import TASKS, select
-from minildm.grading.workbook import MANIFEST, build_workbook, check_markers, find_leaks
+from minildm.grading.workbook import MANIFEST, build_workbook, check_markers, find_leaks, package_lines_outside
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,11 +124,14 @@ def reference_solution(task: str) -> str:
 
 
 def test_the_workbook_has_every_solution_replaced_by_a_stub_that_names_its_task(workbook):
+    # a solution line the package also has outside every region (Heun repeats Euler's step) may stay in the copy
+    elsewhere = package_lines_outside(ROOT, [r for found in check_markers(ROOT).values() for r in found])
     for task in TASKS:
         solution = reference_solution(task)
         text = "\n".join(p.read_text() for p in (workbook / "minildm").rglob("*.py"))
         assert f'raise NotImplementedError("{task}: ' in text
-        assert solution.strip().splitlines()[-1].strip() not in text, f"{task}'s last line survived"
+        own = [line.strip() for line in solution.strip().splitlines() if line.strip() not in elsewhere]
+        assert own and own[-1] not in text, f"{task}'s last line of its own survived"
     assert json.loads((workbook / MANIFEST).read_text())["tasks"] == list(TASKS)
     assert (workbook / "WORKBOOK.md").is_file() and (workbook / "conftest.py").is_file()
     for name in ["tests/tasks/test_ch02_tasks.py", "chapters/02-the-vae.md", "notebooks/02-the-vae.ipynb"]:
@@ -171,7 +174,7 @@ def test_an_existing_folder_is_refused_and_force_keeps_it_aside(tmp_path, capsys
 
 def test_an_unknown_task_for_the_builder_or_grader_is_a_one_line_error_listing_the_known(tmp_path, capsys):
     assert main(["workbook", "build", "--out", str(tmp_path / "wb"), "--tasks", "ch02.kl"]) == 2
-    assert main(["grade", "ch07", "--impl", str(ROOT)]) == 2
+    assert main(["grade", "ch99", "--impl", str(ROOT)]) == 2
     assert main(["grade", "--use-reference-for", "ch9", "--impl", str(ROOT)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all("ch02.gaussian_kl" in line or "ch01" in line for line in lines), lines

@@ -146,6 +146,8 @@ def test_img2img_strength_zero_returns_the_image_and_strength_skips_steps():
      "strength must be in"),
     (lambda s: ddim_invert(smooth_model, latents(1), make_sampler("ddim", s, 10, eta=1.0)), "deterministic"),
     (lambda s: make_sampler("plms", NoiseSchedule(prediction_type="sample"), 10), "eps or v"),
+    (lambda s: sample(smooth_model, latents(1), make_sampler("plms", s, 10), init=latents(1), strength=0.8),
+     "plms cannot start part-way"),
     (lambda s: make_sampler("ddim", NoiseSchedule(rescale_betas_zero_snr=True, timestep_spacing="trailing"), 10),
      "zero terminal SNR"),
 ])

@@ -60,6 +60,27 @@ TASKS: dict[str, Task] = {t.id: t for t in [
          "encode the first `count` images in batches of 256, draw one posterior sample per image with "
          "step_generator(seed, start, 9), and return 1 / std of all the samples together, as a float",
          "The scale factor"),
+    Task("ch03.q_sample", "the forward process in one jump",
+         "self.coefficients(t, z0) gives sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), already shaped (B, 1, 1, 1); "
+         "scale the clean latent by the first and the given noise by the second and add them (draw no noise of "
+         "your own), for one t or one t per item",
+         "Jumping to step t in one go"),
+    Task("ch03.eps_to_z0", "z_0 from the noise",
+         "solve z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps for z_0, with the two square roots from "
+         "self.coefficients(t, zt); it must undo the forward process exactly wherever alpha_bar_t > 0, for one t "
+         "or one t per item",
+         "What the model predicts: eps, z_0 or v"),
+    Task("ch07.ddim_step", "one DDIM step, with eta",
+         "you are given z0_hat (z0) and eps_hat (eps) at t, and ab_t, ab_prev (alpha_bar here and at the next "
+         "timestep); sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev); move to sqrt(ab_prev) z0_hat "
+         "+ sqrt(1 - ab_prev - sigma_t^2) eps_hat, add sigma_t times randn(z.shape, generator, z.device, z.dtype) "
+         "only when eta > 0 (eta = 0 draws nothing), and return (z_prev, z0_hat)",
+         "DDIM: the same marginals, a deterministic path"),
+    Task("ch07.euler_step", "one Euler step in sigma space",
+         "x = z_0 + sigma eps; get z0_hat from self.denoised(x, output, sigma) (it knows the prediction type), the "
+         "ODE's slope is (x - z0_hat) / sigma, move x by the slope times (sigma_next - sigma) and return "
+         "(x_next, z0_hat)",
+         "Euler: one step of the ODE"),
 ]}
 
 
