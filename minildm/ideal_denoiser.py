@@ -12,7 +12,6 @@ would have: every sample ends on one of the y_k.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,12 +25,10 @@ class IdealDenoiser:
         if latents.ndim < 2 or len(latents) == 0:
             raise ValueError(f"latents must be a batch (K, C, h, w) of at least one; got shape {tuple(latents.shape)}")
         self.latents, self.schedule = latents, schedule
-        alpha_bar = schedule.alpha_bar.clamp_min(2.0 ** -24)           # zero terminal SNR: keep sigma finite
-        self.sigmas = ((1 - alpha_bar) / alpha_bar).sqrt().numpy()        # (T,)
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """alpha_bar at (possibly fractional) timesteps, interpolating sigma as the sigma-space samplers do."""
-        sigma = np.interp(t.detach().cpu().double().numpy(), np.arange(len(self.sigmas)), self.sigmas)
+        sigma = self.schedule.sigma_at(t.detach().cpu().double().numpy())
         return torch.from_numpy(1 / (1 + sigma ** 2))                     # alpha_bar = 1 / (1 + sigma^2)
 
     def z0_hat(self, zt: Tensor, t: Tensor) -> Tensor:

@@ -89,6 +89,7 @@ class Sampler:
 
     name = ""
     order = 1                                           # model evaluations per step (Heun: 2)
+    options: dict = {}                                  # a sampler's own options and their defaults
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int, **options):
         if not isinstance(num_steps, int) or not 1 <= num_steps <= schedule.num_timesteps:
@@ -103,8 +104,6 @@ class Sampler:
         for key, default in self.options.items():
             setattr(self, key, options.get(key, default))
         self.timesteps = torch.empty(0)
-
-    options: dict = {}
 
     @property
     def init_noise_sigma(self) -> float:
@@ -136,12 +135,12 @@ class Sampler:
         """(the next z, z0_hat) from evaluation i's output."""
         raise NotImplementedError
 
-    def z0_hat(self, z: Tensor, output: Tensor, t: int) -> Tensor:
-        z0, _ = self.schedule.predict_z0_and_eps(z, output, t)
+    def predict(self, z: Tensor, output: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """(z0_hat, eps_hat) from the model's output at t; z0_hat clamped when the schedule says clip_sample."""
+        z0, eps = self.schedule.predict_z0_and_eps(z, output, t)
         if self.schedule.clip_sample:
-            r = self.schedule.clip_sample_range
-            z0 = z0.clamp(-r, r)
-        return z0
+            z0 = z0.clamp(-self.schedule.clip_sample_range, self.schedule.clip_sample_range)
+        return z0, eps
 
 
 # -------------------------------------------------------------------------------- discrete-time samplers
@@ -179,7 +178,7 @@ class DDPM(DiscreteSampler):
         t = int(self.steps[i])
         ab_t, ab_prev = float(self.schedule.alpha_bar[t]), self.alpha_bar_after(i)
         beta_t = 1 - ab_t / ab_prev                     # the one-step beta between the two chosen timesteps
-        z0 = self.z0_hat(z, output, t)
+        z0, _ = self.predict(z, output, t)
         # posterior mean = sqrt(ab_prev) beta_t / (1 - ab_t) z0_hat + sqrt(1 - beta_t) (1 - ab_prev) / (1 - ab_t) z_t
         mean = (math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0 + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * z
         if t == 0:
@@ -205,9 +204,7 @@ class DDIM(DiscreteSampler):
     def step(self, i, z, output, generator):
         t = int(self.steps[i])
         ab_t, ab_prev = float(self.schedule.alpha_bar[t]), self.alpha_bar_after(i)
-        z0, eps = self.schedule.predict_z0_and_eps(z, output, t)
-        if self.schedule.clip_sample:
-            z0 = z0.clamp(-self.schedule.clip_sample_range, self.schedule.clip_sample_range)
+        z0, eps = self.predict(z, output, t)
         # BEGIN SOLUTION ch07.ddim_step
         # sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)
         std = self.eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
@@ -296,10 +293,7 @@ class SigmaSampler(Sampler):
         super().__init__(schedule, num_steps, **options)
         if self.use_karras_sigmas is None:
             self.use_karras_sigmas = schedule.use_karras_sigmas
-        alpha_bar = schedule.alpha_bar.clone()
-        if schedule.rescale_betas_zero_snr:
-            alpha_bar[-1] = 2.0 ** -24                  # sigma_T would be infinite; diffusers uses this floor
-        self.all_sigmas = ((1 - alpha_bar) / alpha_bar).sqrt().numpy()         # (T,), rising with t
+        self.all_sigmas = schedule.finite_sigmas.numpy()                        # (T,), rising with t
         t, sigmas = self.choose_sigmas()
         self.timesteps = torch.from_numpy(np.asarray(t, dtype=np.float32))
         self.sigmas = torch.from_numpy(np.append(sigmas, 0.0))                 # (N + 1,), ends at 0
@@ -309,7 +303,7 @@ class SigmaSampler(Sampler):
         linspace, and sigma interpolated there; or Karras sigmas between the same two ends."""
         s = self.schedule
         t = spaced_timesteps(self.spacing, s.num_timesteps, self.num_steps, s.steps_offset, rounded=False)
-        sigmas = np.interp(t, np.arange(s.num_timesteps), self.all_sigmas)
+        sigmas = s.sigma_at(t)
         if self.use_karras_sigmas:
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], self.num_steps)
             t = sigma_to_t(sigmas, self.all_sigmas)
@@ -432,7 +426,7 @@ class DPMSolverPP2M(SigmaSampler):
             t = sigma_to_t(sigmas, self.all_sigmas)
             t = t if s.beta_schedule == "squaredcos_cap_v2" else t.round()
         else:
-            sigmas = np.interp(t, np.arange(s.num_timesteps), self.all_sigmas)
+            sigmas = s.sigma_at(t)
         return t.astype(np.int64), sigmas
 
     def reset(self):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -109,6 +110,19 @@ class NoiseSchedule:
     def sigmas(self) -> Tensor:
         """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): z_t / sqrt(alpha_bar_t) = z_0 + sigma_t eps. (T,)"""
         return ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
+
+    @property
+    def finite_sigmas(self) -> Tensor:
+        """`sigmas` with the zero-terminal-SNR end kept finite: alpha_bar_T = 0 would make sigma_T infinite, and
+        diffusers' sigma-space schedulers put 2^-24 there instead. (T,)"""
+        alpha_bar = self.alpha_bar.clone()
+        if self.rescale_betas_zero_snr:
+            alpha_bar[-1] = 2.0 ** -24
+        return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+    def sigma_at(self, t) -> np.ndarray:
+        """sigma at (possibly fractional) timesteps, interpolated linearly in t between the training ones."""
+        return np.interp(np.asarray(t, dtype=np.float64), np.arange(self.num_timesteps), self.finite_sigmas.numpy())
 
     @property
     def snr(self) -> Tensor:

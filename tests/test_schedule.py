@@ -321,3 +321,14 @@ def test_a_timestep_outside_the_schedule_is_a_value_error_not_an_index_error():
     schedule = NoiseSchedule()
     with pytest.raises(ValueError, match=r"timesteps must be in 0\.\.999; got 0\.\.1000"):
         schedule.q_sample(torch.zeros(2, 4, 2, 2), torch.tensor([0, 1000]), torch.zeros(2, 4, 2, 2))
+
+
+def test_finite_sigmas_floor_only_the_zero_terminal_snr_end_and_sigma_at_interpolates_them():
+    plain, zero = NoiseSchedule(), NoiseSchedule(rescale_betas_zero_snr=True)
+    assert torch.equal(plain.finite_sigmas, plain.sigmas)
+    assert torch.isinf(zero.sigmas[-1]) and torch.isfinite(zero.finite_sigmas).all()
+    assert math.isclose(zero.finite_sigmas[-1].item(), math.sqrt((1 - 2.0 ** -24) / 2.0 ** -24))
+    assert torch.equal(zero.finite_sigmas[:-1], zero.sigmas[:-1])
+    at = torch.from_numpy(plain.sigma_at([0, 500, 999, 250.5]))
+    assert torch.allclose(at[:3], plain.sigmas[[0, 500, 999]], rtol=0, atol=0)
+    assert plain.sigmas[250] < at[3] < plain.sigmas[251]
