@@ -70,6 +70,16 @@ TASKS: dict[str, Task] = {t.id: t for t in [
          "self.coefficients(t, zt); it must undo the forward process exactly wherever alpha_bar_t > 0, for one t "
          "or one t per item",
          "What the model predicts: eps, z_0 or v"),
+    Task("ch04.naive_attention", "attention, the formula as written",
+         "S = (q * scale) k^T over the last dims (one row of scores per query, one column per key), apply_mask(S, "
+         "mask), softmax over the keys taken in softmax_dtype(S.dtype) (float32 for half inputs) and cast back to "
+         "v's dtype, then P v; no fused kernel (scaled_dot_product_attention) and no other backend",
+         "1. The formula, and the matrix that does not fit"),
+    Task("ch04.online_softmax", "one step of the online softmax",
+         "m_new = max(m_old, the chunk's row max); subtract m_new (0 where it is still -inf, so exp gives 0, not "
+         "NaN) and exponentiate: p; rescale the old sum and acc by exp(m_old - m_new), add p's row sum and p v; "
+         "return OnlineSoftmax(m_new, l_new, acc_new) in the state's dtype",
+         "3. The online softmax, step by step"),
     Task("ch07.ddim_step", "one DDIM step, with eta",
          "you are given z0_hat (z0) and eps_hat (eps) at t, and ab_t, ab_prev (alpha_bar here and at the next "
          "timestep); sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev); move to sqrt(ab_prev) z0_hat "
