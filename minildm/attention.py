@@ -103,8 +103,8 @@ def online_softmax_step(state: OnlineSoftmax, scores: Tensor, v_chunk: Tensor) -
 
     When a larger score arrives, everything summed so far was exponentiated against too small a max: multiplying by
     exp(m_old - m_new) rescales it to the new max, so no score is ever exponentiated above 0 (no overflow) and the
-    result is exactly softmax(S) v once all chunks are in. `scores` is (B, heads, N_q, chunk) in the state's dtype; it is
-    overwritten by the weights p (one block fewer to allocate, which is most of the time on a CPU).
+    result is exactly softmax(S) v once all chunks are in. `scores` is (B, heads, N_q, chunk) in the state's dtype;
+    it is overwritten by the weights p (one block fewer to allocate, which is most of the time on a CPU).
     """
     # BEGIN SOLUTION ch04.online_softmax
     # m_new = max(m_old, max_j s_j). The max is only a shift that cancels in acc / l, so no gradient flows through it
@@ -147,7 +147,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
         state = OnlineSoftmax.start(q_rows, v.shape[-1])
         for j in range(0, n_k, key_chunk):
             # S_ij = q_i k_j^T * scale, one block of the score matrix
-            scores = torch.matmul(q_rows, k[:, :, j:j + key_chunk].transpose(-1, -2)).to(state.acc.dtype)  # (B, heads, cq, ck)
+            k_chunk = k[:, :, j:j + key_chunk]                          # (B, heads, ck, d)
+            scores = torch.matmul(q_rows, k_chunk.transpose(-1, -2)).to(state.acc.dtype)      # (B, heads, cq, ck)
             scores = apply_mask(scores, None if mask is None else mask[:, :, i:i + query_chunk, j:j + key_chunk])
             state = online_softmax_step(state, scores, v[:, :, j:j + key_chunk])
             del scores                  # now the weights p: free the block before the next one is allocated
@@ -176,7 +177,7 @@ def score_matrix_bytes(batch: int, heads: int, n_q: int, n_k: int, dtype: torch.
 
 
 def memory_budget(device: torch.device | str) -> tuple[int, str]:
-    """How many bytes of scores `auto` allows on an Apple GPU before it switches to `chunked`, and where it came from."""
+    """How many bytes of scores `auto` allows on an Apple GPU before it switches to `chunked`, and its source."""
     mps = getattr(torch, "mps", None)
     recommended = getattr(mps, "recommended_max_memory", None)
     if torch.device(device).type == "mps" and recommended is not None:

@@ -265,6 +265,28 @@ def test_the_compiled_kernel_is_made_without_a_gpu(compiler):
     assert load_kernel("cuda") is module, "the module is imported once"
 
 
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80-A100", "sm90-H100"])
+@pytest.mark.parametrize("dtype, mask", [("fp16", "bool"), ("fp32", "float"), ("bf16", None)])
+def test_the_kernel_compiles_to_a_cuda_binary_without_a_gpu(compiler, arch, dtype, mask):
+    """The interpreter checks what the kernel computes; this checks that the real compiler accepts it, for SD's
+    d = 40 (padded to 64), all the way to PTX and a cubin for the GPU generation named, on a machine with no GPU."""
+    compiler_module = pytest.importorskip("triton.compiler")
+    gpu_target = pytest.importorskip("triton.backends.compiler").GPUTarget
+    module = load_kernel("cuda")
+    kernel = module.flash_attention_kernel
+    pointer = {"fp16": "*fp16", "fp32": "*fp32", "bf16": "*bf16"}[dtype]
+    signature = {name: pointer if name.endswith("_ptr") else "fp32" if name == "qk_scale"
+                 else "constexpr" if name.isupper() else "i32" for name in kernel.arg_names}
+    signature["mask_ptr"] = {"bool": "*u8", "float": pointer, None: pointer}[mask]
+    constants = dict(HAS_MASK=mask is not None, IS_BOOL=mask == "bool", BLOCK_M=64, BLOCK_N=64 if dtype != "fp32" else 32,
+                     BLOCK_D=64, BLOCK_DV=64)
+    compiled = triton.compile(compiler_module.ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=gpu_target("cuda", arch, 32))
+    assert "ex2.approx" in compiled.asm["ptx"], "the softmax should compile to the GPU's exp2 instruction"
+    assert len(compiled.asm["cubin"]) > 0, f"no cubin for sm_{arch}"
+
+
 def test_triton_interpret_set_after_triton_was_imported_is_explained(compiler, monkeypatch):
     """Triton reads TRITON_INTERPRET at import: setting it later cannot work, and the errors say why."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
