@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from einops import rearrange
+from torch import Tensor, nn
 
 BACKENDS = ("naive", "sliced", "chunked", "sdpa", "triton")
 DEFAULT_MPS_BUDGET = 1 << 30        # 1 GiB of scores, when torch cannot tell how much memory the Apple GPU has
@@ -290,3 +291,33 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto", *, scale: 
         return triton_attention(q, k, v, scale, mask)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(('auto',) + BACKENDS)} "
                      "('auto' picks the best for this device)")
+
+
+# ------------------------------------------------------------------------------------------------ the layer
+
+class MultiHeadAttention(nn.Module):
+    """Project to queries, keys and values, split the channels into heads, attend, merge, project back.
+
+    Self-attention when no context is given (keys and values come from x itself); cross-attention when it is (the
+    U-Net's latent positions read the prompt's tokens). The projections and their names are diffusers' `Attention`
+    (to_q, to_k, to_v without bias, to_out with bias), so real Stable Diffusion weights load by a rename.
+    """
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
+                 qkv_bias: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_out = nn.Linear(inner, query_dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        context = x if context is None else context                               # (B, N_k, D_context)
+        # (B, N, heads * d) -> (B, heads, N, d): each head attends on its own slice of the channels
+        q, k, v = (rearrange(proj(source), "b n (h d) -> b h n d", h=self.heads)
+                   for proj, source in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        out = attention(q, k, v, mask=mask)                                       # (B, heads, N_q, d)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))                # (B, N_q, query_dim)

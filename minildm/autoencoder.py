@@ -107,9 +107,9 @@ def check_images(x: Tensor, config: AutoencoderConfig) -> None:
         raise ValueError("images contain NaN or Inf values; check how they were loaded and normalised to [-1, 1]")
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    # eps = 1e-6 as in the SD VAE (diffusers uses the same), not PyTorch's default 1e-5
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
+    # eps = 1e-6 as in the SD VAE (diffusers uses the same), not PyTorch's default 1e-5 (which SD's U-Net uses)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
@@ -118,11 +118,11 @@ class ResBlock(nn.Module):
     The residual path lets the block start as (almost) the identity, so a deep stack still trains.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, dropout: float = 0.0, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = group_norm(in_channels, groups, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = group_norm(out_channels, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
 from minildm.checkpoint import load_strict
+from minildm.unet import UNet, UNetConfig
 
 # A rule is (pattern, replacement) for re.sub; the replacement may be a function of the match (see CompVis' decoder).
 Rule = tuple[str, "str | Callable[[re.Match], str]"]
@@ -73,7 +74,7 @@ def linear_from_1x1_conv(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_renamed(model: AutoencoderKL, state_dict: dict[str, Tensor], origin: dict[str, str], source: str):
+def load_renamed(model, state_dict: dict[str, Tensor], origin: dict[str, str], source: str):
     """`load_strict`, with the original names added to the message so a user can find the key in their file."""
     try:
         return load_strict(model, state_dict, source)
@@ -176,4 +177,93 @@ def vae_from_compvis(state_dict: dict[str, Tensor], config: AutoencoderConfig | 
     return load_renamed(model, linear_from_1x1_conv(renamed), origin, "CompVis VAE state dict")
 
 
-__all__ = ["DIFFUSERS_VAE_RULES", "compvis_vae_rules", "config_from_diffusers", "vae_from_compvis", "vae_from_diffusers"]
+# ------------------------------------------------------------------------------------------------ the U-Net
+
+# diffusers UNet2DConditionModel -> ours: the VAE's level and mid-block rules, and the transformer's few renames.
+DIFFUSERS_UNET_RULES: list[Rule] = [
+    *DIFFUSERS_VAE_RULES[:5],                                              # down/up levels, resample, mid block
+    (r"^time_embedding\.linear_1\.", "time_mlp.0."),
+    (r"^time_embedding\.linear_2\.", "time_mlp.2."),
+    (r"^conv_norm_out\.", "norm_out."),
+    (r"\.conv_shortcut\.", ".skip."),
+    (r"\.time_emb_proj\.", ".time_proj."),
+    (r"\b(down|up)_blocks\.(\d+)\.attentions\.", r"\1.\2.attn."),
+    (r"\.transformer_blocks\.", ".blocks."),
+    (r"\.to_out\.0\.", ".to_out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj."),                             # GEGLU's one matrix for value and gate
+    (r"\.ff\.net\.2\.", ".ff.out."),
+]
+
+# Block types with the computation we implement, and config keys that must keep diffusers' default value.
+UNET_BLOCKS = {"down": ("CrossAttnDownBlock2D", "DownBlock2D"), "up": ("CrossAttnUpBlock2D", "UpBlock2D"),
+               "mid": "UNetMidBlock2DCrossAttn"}
+UNET_DEFAULTS = {"center_input_sample": False, "act_fn": "silu", "downsample_padding": 1, "mid_block_scale_factor": 1,
+                 "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "only_cross_attention": False,
+                 "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+                 "encoder_hid_dim": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+                 "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "num_class_embeds": None,
+                 "timestep_post_act": None, "projection_class_embeddings_input_dim": None, "attention_type": "default",
+                 "time_embedding_dim": None, "time_embedding_act_fn": None, "class_embeddings_concat": False,
+                 "cross_attention_norm": None, "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
+                 "encoder_hid_dim_type": None, "reverse_transformer_layers_per_block": None, "dropout": 0.0}
+# no effect on the function: our softmax is float32 anyway, and there is no addition embedding to give heads to
+UNET_IGNORED = {"sample_size", "upcast_attention", "addition_embed_type_num_heads"}
+
+
+def unet_config_from_diffusers(config: dict) -> UNetConfig:
+    """Read a diffusers UNet2DConditionModel config dict; an option that changes the math we implement is refused."""
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    for key, default in UNET_DEFAULTS.items():
+        if key in config and config[key] != default and key != "dropout":
+            raise ValueError(f"{key}={config[key]!r} is not supported (we implement {default!r}, as SD 1 and 2 use)")
+    down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+    up = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+    if any(t not in UNET_BLOCKS["down"] for t in down) or any(t not in UNET_BLOCKS["up"] for t in up):
+        raise ValueError(f"block types {down} / {up} are not supported: use {UNET_BLOCKS['down']} / {UNET_BLOCKS['up']}")
+    attention = tuple(t.startswith("CrossAttn") for t in down)
+    if tuple(t.startswith("CrossAttn") for t in reversed(up)) != attention:
+        raise ValueError(f"up_block_types {up} must mirror down_block_types {down} (attention at the same levels)")
+    if config.get("mid_block_type", UNET_BLOCKS["mid"]) != UNET_BLOCKS["mid"]:
+        raise ValueError(f"mid_block_type {config['mid_block_type']!r} is not supported: use {UNET_BLOCKS['mid']!r}")
+    unknown = sorted(set(config) - set(UNET_DEFAULTS) - UNET_IGNORED - {
+        "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "up_block_types",
+        "mid_block_type", "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps",
+        "cross_attention_dim", "attention_head_dim", "num_attention_heads", "use_linear_projection",
+        "transformer_layers_per_block"})
+    if unknown:
+        raise ValueError(f"unknown diffusers UNet2DConditionModel config keys {unknown}: they may change what the model "
+                         "computes; drop them only if you know they are at a no-op value")
+    def one_for_all_levels(key: str, default):
+        value = config.get(key, default)
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ValueError(f"{key}={value!r}: we use one value for every level; give a single number")
+            value = value[0]
+        return value
+
+    depth = one_for_all_levels("transformer_layers_per_block", 1)
+    # diffusers' "attention_head_dim" has meant the number of heads since SD 1 (a historical misnomer)
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    return UNetConfig(
+        in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
+        block_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
+        layers_per_block=one_for_all_levels("layers_per_block", 2), attention_levels=attention, mid_attention=True,
+        heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads, transformer_depth=depth,
+        context_dim=one_for_all_levels("cross_attention_dim", 1280), norm_groups=config.get("norm_num_groups", 32),
+        norm_eps=config.get("norm_eps", 1e-5), use_linear_projection=config.get("use_linear_projection", False),
+        dropout=config.get("dropout", 0.0), flip_sin_to_cos=config.get("flip_sin_to_cos", True),
+        freq_shift=config.get("freq_shift", 0))
+
+
+def unet_from_diffusers(config: dict, state_dict: dict[str, Tensor]) -> UNet:
+    """Build our U-Net from a diffusers `UNet2DConditionModel` config dict and state dict (SD v1.5's `unet/`).
+
+    e.g. `down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.weight` -> `down.1.attn.0.blocks.0.ff.proj.weight`.
+    """
+    model = UNet(unet_config_from_diffusers(config))
+    renamed, origin = rename_keys(state_dict, DIFFUSERS_UNET_RULES)
+    return load_renamed(model, renamed, origin, "diffusers UNet2DConditionModel state dict")
+
+
+__all__ = ["DIFFUSERS_UNET_RULES", "DIFFUSERS_VAE_RULES", "compvis_vae_rules", "config_from_diffusers",
+           "unet_config_from_diffusers", "unet_from_diffusers", "vae_from_compvis", "vae_from_diffusers"]

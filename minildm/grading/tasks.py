@@ -80,6 +80,22 @@ TASKS: dict[str, Task] = {t.id: t for t in [
          "NaN) and exponentiate: p; rescale the old sum and acc by exp(m_old - m_new), add p's row sum and p v; "
          "return OnlineSoftmax(m_new, l_new, acc_new) in the state's dtype",
          "3. The online softmax, step by step"),
+    Task("ch05.timestep_embedding", "the sinusoidal timestep embedding",
+         "half = dim // 2 frequencies omega_i = exp(-ln(10000) i / (half - freq_shift)), i = 0 .. half-1, from 1 "
+         "down to about 1/10,000, made on t's device; angles t omega_i in float32, one row per timestep (fractional "
+         "t too); return cos and sin of the angles side by side, [cos, sin] when flip_sin_to_cos and [sin, cos] "
+         "otherwise: (B, dim), float32",
+         "1. The timestep, as a vector"),
+    Task("ch05.resblock", "a ResBlock that hears the timestep",
+         "chapter 02's ResBlock written out again (super().forward cannot take the time in the middle): norm1 -> "
+         "SiLU -> conv1, then add time_proj(SiLU(time)) as one shift per channel and item, the same at every "
+         "position, then norm2 -> SiLU -> dropout -> conv2, and the input added back through self.skip",
+         "2. ResBlock: the VAE's, told the time"),
+    Task("ch05.cross_attention_block", "self-attention, cross-attention, feed-forward",
+         "three steps in this order, each reading a LayerNorm of x and adding its answer back to x: attn1 (the "
+         "positions attend to each other, norm1), attn2 (queries from the positions, keys and values from the "
+         "prompt's tokens, norm2), then ff (norm3); the prompt enters through attn2 only, and un-normalised",
+         "3. Cross-attention: where the prompt comes in"),
     Task("ch07.ddim_step", "one DDIM step, with eta",
          "you are given z0_hat (z0) and eps_hat (eps) at t, and ab_t, ab_prev (alpha_bar here and at the next "
          "timestep); sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev); move to sqrt(ab_prev) z0_hat "
