@@ -54,14 +54,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: 
                              f"{errors}; first at {where}: {actual[where].item()!r} vs {expected[where].item()!r}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread runs them several times faster than two (or more, on a shared machine)
-    that spend their time handing work to each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tests/conftest.py: tiny tensors, one thread
 
 
 def random_qkv(seed: int, batch: int, heads: int, n_q: int, n_k: int, d: int, d_v: int,

@@ -26,14 +26,7 @@ def tiny_unet(seed: int = 0, **changes) -> UNet:
 _tiny = tiny_unet()                                                                 # for tests that only call it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine torch's threads wait for each other
-    (a 20 ms forward becomes 400 ms): run this module on one thread, and give the setting back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tests/conftest.py: tiny tensors, one thread
 
 
 def inputs(batch: int = 2, height: int = 8, width: int = 8, tokens: int = 5, channels: int = 4, context_dim: int = 8,

@@ -23,7 +23,7 @@ from minildm.convert import (  # noqa: E402
 )
 from minildm.unet import UNet, UNetConfig  # noqa: E402
 
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("one_thread")]    # one_thread: tests/conftest.py
 
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -86,14 +86,6 @@ RTOL = 1e-4                                    # of max |diffusers' output|
 _cache: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine torch's threads wait for each other
-    (a 20 ms forward becomes 400 ms): run this module on one thread, and give the setting back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
