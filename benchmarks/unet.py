@@ -7,22 +7,30 @@ is printed). Two configs, float32 on the CPU:
 
 - classroom: 3 levels of (32, 64, 64) channels, attention at the first two, 4 heads; batch 16 of 4x8x8 latents (our
   Shapes 64x64 images) and prompts of 12 tokens x 64.
-- sd-narrow: Stable Diffusion v1.5's layout (CrossAttnDownBlock2D x 3 + DownBlock2D, 2 layers per block, 8 heads,
-  context 77 x 768) at a quarter of its width, (64, 128, 256, 256); batch 2 of 4x32x32 latents (256x256 images).
+- sd-narrow: Stable Diffusion v1.5's layout (CrossAttnDownBlock2D x 3 + DownBlock2D, 2 layers per block, context
+  77 x 768) at a fifth of its width, (64, 128, 256, 256), with 2 heads so that a head keeps about SD's size (32, 64
+  and 128 numbers; SD's are 40, 80 and 160: 8 heads of 8 would make attention a softmax benchmark); batch 2 of
+  4x32x32 latents (256x256 images).
 
-What is measured, per (config, model) and mode, each in a fresh process:
+What is measured, per config, model and mode (forward or training step):
 
 - forward: one call under torch.no_grad, in eval mode. training step: eps_hat = model(z_t, t, c), loss = MSE(eps_hat,
   eps), backward, then the gradients are dropped. No optimizer step: AdamW's update is the same elementwise
   arithmetic over the same parameters for both models, so it would only dilute the comparison.
 - time: the fastest of `--repeats` calls after a warm-up call (cheap calls repeat for at least half a second, slow
-  ones stop after 4 s). The minimum, not the median: other work on the machine only ever adds time, so the fastest
-  call is the closest to what the call itself costs (the --json file keeps every call's time, and the median).
+  ones stop after 4 s), both models in one fresh process per config, taking turns call by call so that a change in
+  the machine's load hits both alike. The minimum, not the median: other work on the machine only ever adds time, so
+  the fastest call is the closest to what the call itself costs (the --json file keeps every call's time, and the
+  median).
 - peak extra memory: how far one call raises the process's peak resident memory (ru_maxrss), as
-  benchmarks/attention.py measures it. Two things would hide the call's memory, so before each measured call the
-  freed heap goes back to the system (glibc's malloc_trim, else the warm-up call's freed activations are reused
-  unseen) and the peak is reset to the memory in use (Linux's /proc/self/clear_refs, else converting the weights,
-  which holds both models for a moment, sets a peak the call never reaches). The larger of two calls is reported.
+  benchmarks/attention.py measures it, in a fresh process per config and model (not the timing one: what follows
+  slows the calls). Three things would blur it: glibc keeps freed blocks for reuse (with its defaults, the same
+  sd-narrow forward call read anywhere from 22 to 50 MiB, run to run, for 13 MiB of tensors), so that process takes
+  every block of 64 KiB or more straight from the system and gives it straight back (MALLOC_MMAP_THRESHOLD_), and its
+  resident memory follows the tensors alive; before each measured call the freed small blocks go back too
+  (malloc_trim); and the peak is reset to the memory in use (Linux's /proc/self/clear_refs), else converting the
+  weights, which holds both models for a moment, sets a peak the call never reaches. The larger of two calls after a
+  warm-up is reported.
 - FLOPs: torch.utils.flop_counter.FlopCounterMode over one call (matmuls and convolutions, the work that costs the
   time; elementwise ops, norms and softmax are not counted). Its table lacks the CPU's fused attention kernel, so its
   matmuls are added with torch's own count for fused attention (2 matmuls forward, 5 backward).
@@ -45,6 +53,7 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -73,7 +82,7 @@ CONFIGS = {
                             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                             cross_attention_dim=64, norm_num_groups=32), batch=16, side=8, tokens=12),
-    "sd-narrow": Setup(dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_head_dim=8,
+    "sd-narrow": Setup(dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_head_dim=2,
                             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                             cross_attention_dim=768, norm_num_groups=32), batch=2, side=32, tokens=77),
@@ -86,26 +95,27 @@ TARGET_TIME_RATIO = 0.95           # ours / diffusers, forward and training step
 TARGET_PEAK_SHARE = 0.40           # our training step's FLOP/s, as a share of the measured matmul peak
 PEAK_SIZE, PEAK_CALLS = 2048, 10   # the matmul that measures the peak, and how many of it
 MEMORY_CALLS = 2                   # calls whose peak extra memory is measured (the larger is reported)
+MMAP_THRESHOLD = 64 << 10          # in the memory process, glibc takes blocks of this size or more from the system
 GFLOP = 1e9
 
 
 # ------------------------------------------------------------------------------------------------ the models
 
-def build(name: str, model: str) -> tuple[torch.nn.Module, float | None]:
-    """diffusers' model with seeded random weights, or ours converted from it; for ours, also the largest output
-    difference between the two (relative to the largest output), on the benchmark's own inputs."""
+def build(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """diffusers' model with seeded random weights, and ours converted from it."""
     import diffusers
 
     torch.manual_seed(SEED)
     reference = diffusers.UNet2DConditionModel(**CONFIGS[name].options).eval()
-    if model == "diffusers":
-        return reference, None
-    ours = unet_from_diffusers(dict(reference.config), reference.state_dict()).eval()
+    return reference, unet_from_diffusers(dict(reference.config), reference.state_dict()).eval()
+
+
+def max_rel_difference(name: str, reference: torch.nn.Module, ours: torch.nn.Module) -> float:
+    """max |ours - diffusers| / max |diffusers| over the outputs for the benchmark's own inputs."""
     zt, t, context, _ = make_inputs(name)
     with torch.no_grad():
         expected = reference(zt, t, context, return_dict=False)[0]                 # (B, 4, side, side)
-        difference = (ours(zt, t, context) - expected).abs().max() / expected.abs().max()
-    return ours, difference.item()
+        return ((ours(zt, t, context) - expected).abs().max() / expected.abs().max()).item()
 
 
 def make_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,7 +143,7 @@ def make_call(model: torch.nn.Module, name: str, mode: str):
 
     def train_step() -> None:
         F.mse_loss(predict(), noise).backward()
-        model.zero_grad(set_to_none=True)                 # the next step allocates its gradients afresh (and counts them)
+        model.zero_grad(set_to_none=True)               # the next step allocates its gradients again (and counts them)
 
     return forward if mode == "forward" else train_step
 
@@ -155,9 +165,10 @@ def fused_attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args,
 
 
 def count_flops(call) -> int:
-    aten = torch.ops.aten
-    extra = {aten._scaled_dot_product_flash_attention_for_cpu: fused_attention_flops,
-             aten._scaled_dot_product_flash_attention_for_cpu_backward: fused_attention_backward_flops}
+    """The FLOPs of one call: FlopCounterMode's matmuls and convolutions, and the CPU's fused attention kernels."""
+    fused = {"_scaled_dot_product_flash_attention_for_cpu": fused_attention_flops,
+             "_scaled_dot_product_flash_attention_for_cpu_backward": fused_attention_backward_flops}
+    extra = {getattr(torch.ops.aten, name): count for name, count in fused.items() if hasattr(torch.ops.aten, name)}
     with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         call()
     return counter.get_total_flops()
@@ -204,38 +215,74 @@ def peak_extra_bytes(call) -> tuple[int, bool]:
     return max(rises), reset
 
 
-# ------------------------------------------------------------------------------------------------ one row
+# ------------------------------------------------------------------------------------------------ one config
 
-def measure_row(name: str, model_name: str, mode: str, repeats: int) -> dict:
-    """In this (fresh) process: build, warm up, peak extra memory, time, then count the FLOPs of one more call."""
-    model, difference = build(name, model_name)
-    call = make_call(model, name, mode)
-    first_s = call_seconds(call, "cpu")                                                # warm-up
-    memory, reset = peak_extra_bytes(call)
-    call()                                                                             # warm the heap again
-    times = []
-    while not enough(times, repeats):
-        times.append(call_seconds(call, "cpu"))
-    return {"config": name, "model": model_name, "mode": mode, "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in model.parameters()), "max_rel_difference": difference,
-            "first_call_ms": 1e3 * first_s, "times_ms": [1e3 * t for t in times], "ms": 1e3 * min(times),
-            "median_ms": 1e3 * sorted(times)[len(times) // 2], "peak_extra_bytes": memory,
-            "memory_baseline": "memory in use (peak reset)" if reset else "peak so far", "flops": count_flops(call)}
+def measure_times(name: str, repeats: int) -> dict:
+    """In this fresh process: build both models and compare their outputs; then per mode a warm-up call of each, the
+    timed calls, the two models taking turns (a change in the machine's load hits both alike), and the FLOPs of one
+    more call. {model: {mode: row}}, with the parameter counts and the output difference."""
+    models = dict(zip(MODELS, build(name)))
+    result = {"max_rel_difference": max_rel_difference(name, *models.values()),
+              **{model: {"parameters": sum(p.numel() for p in models[model].parameters())} for model in MODELS}}
+    for mode in MODES:
+        calls = {model: make_call(models[model], name, mode) for model in MODELS}
+        first_s = {model: call_seconds(calls[model], "cpu") for model in MODELS}                   # warm-up
+        times = {model: [] for model in MODELS}
+        while not all(enough(times[model], repeats) for model in MODELS):
+            for model in MODELS:
+                times[model].append(call_seconds(calls[model], "cpu"))
+        for model in MODELS:
+            result[model][mode] = {"first_call_ms": 1e3 * first_s[model], "times_ms": [1e3 * t for t in times[model]],
+                                   "ms": 1e3 * min(times[model]), "median_ms": 1e3 * statistics.median(times[model]),
+                                   "flops": count_flops(calls[model])}
+    return result
 
 
-def measure_in_fresh_process(name: str, model: str, mode: str, args: argparse.Namespace) -> dict:
-    """Run measure_row in a new Python process, whose peak RSS starts clean, and read back its JSON line."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--measure", name, model, mode,
+def measure_memory(name: str, model_name: str) -> dict:
+    """In this fresh process (started with MALLOC_MMAP_THRESHOLD_ set), only `model_name`: per mode, a warm-up call,
+    then the peak extra memory of the next calls. {mode: row}"""
+    reference, ours = build(name)
+    model = reference if model_name == "diffusers" else ours
+    del reference, ours                                      # the other model's memory goes before anything is measured
+    rows = {}
+    for mode in MODES:
+        call = make_call(model, name, mode)
+        call()                                                                         # warm-up
+        memory, reset = peak_extra_bytes(call)
+        rows[mode] = {"peak_extra_bytes": memory,
+                      "memory_baseline": "memory in use (peak reset)" if reset else "peak so far"}
+    return rows
+
+
+def measure_in_fresh_process(args: argparse.Namespace, name: str, what: str, model: str = "both") -> dict:
+    """Run measure_times or measure_memory in a new Python process, whose peak RSS starts clean; read its JSON line."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--measure", name, what, model,
                "--repeats", str(args.repeats)]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        last_words = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        why = "killed, perhaps for memory" if done.returncode < 0 else last_words
-        return {"config": name, "model": model, "mode": mode,
-                "skipped": f"failed: its process exited {done.returncode} ({why})"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)} if what == "memory" else None
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    last_words = (done.stderr.strip().splitlines() or ["no message"])[-1]
+    why = "killed, perhaps for memory" if done.returncode < 0 else last_words
+    failed = {mode: {"skipped": f"{what} failed: its process exited {done.returncode} ({why})"} for mode in MODES}
+    return failed if what == "memory" else {model: failed for model in MODELS}
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[tuple[str, str], dict]:
+    """One config: the times of both models from one fresh process, each model's memory from another.
+    {(model, mode): row}"""
+    timed = measure_in_fresh_process(args, name, "time")
+    rows = {}
+    for model in MODELS:
+        memory = measure_in_fresh_process(args, name, "memory", model)
+        for mode in MODES:
+            rows[model, mode] = {"config": name, "model": model, "mode": mode, "threads": torch.get_num_threads(),
+                                 "parameters": timed[model].get("parameters"),
+                                 "max_rel_difference": timed.get("max_rel_difference"),
+                                 **memory[mode], **timed[model][mode]}
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ printing
@@ -244,9 +291,9 @@ def describe(name: str, rows: dict) -> str:
     setup = CONFIGS[name]
     o = setup.options
     levels = sum(kind.startswith("CrossAttn") for kind in o["down_block_types"])
-    parameters = next((row["parameters"] for row in rows.values() if "parameters" in row), 0)
-    return (f"{name}: channels {o['block_out_channels']}, attention at {levels} of {len(o['down_block_types'])} levels, "
-            f"{o['attention_head_dim']} heads, {o['layers_per_block']} layers per block, "
+    parameters = next((row["parameters"] for row in rows.values() if row.get("parameters")), 0)
+    return (f"{name}: channels {o['block_out_channels']}, attention at {levels} of {len(o['down_block_types'])} "
+            f"levels, {o['attention_head_dim']} heads, {o['layers_per_block']} layers per block, "
             f"{parameters / 1e6:.2f} M parameters;\n  batch {setup.batch} of 4x{setup.side}x{setup.side} latents, "
             f"context {setup.tokens} x {o['cross_attention_dim']}")
 
@@ -256,9 +303,12 @@ def print_config(name: str, rows: dict, peak: float) -> None:
     print(describe(name, rows))
     difference = rows.get(("ours", "forward"), {}).get("max_rel_difference")
     if difference is not None:
-        verdict = "the same function" if difference <= SAME_FUNCTION else "NOT the same function: the times compare " \
-                                                                           "different computations"
+        verdict = ("the same function" if difference <= SAME_FUNCTION
+                   else "NOT the same function: the times below compare different computations")
         print(f"  same weights: max |ours - diffusers| / max |diffusers| = {difference:.2e} ({verdict})")
+    if any(row.get("memory_baseline") == "peak so far" for row in rows.values()):
+        print("  (peak MiB: /proc/self/clear_refs is not available here, so it is the rise over the peak so far, which "
+              "converting the weights may already have set)")
     for model in MODELS:
         line = f"  {model:<11}"
         for mode in MODES:
@@ -313,10 +363,11 @@ def print_header(args: argparse.Namespace, peak: float) -> None:
               "least).")
     print(f"ms = the fastest of {args.repeats} calls after a warm-up call; forward: no_grad, eval mode; step: forward, "
           "MSE loss, backward (no optimizer step).")
-    print("peak MiB = the rise of the peak memory during one call above the memory in use before it (one fresh process "
-          "per row);\nx diff = the row's figure over diffusers'; GFLOP = matmuls and convolutions of one training step "
-          "(FlopCounterMode), GFLOP/s = GFLOP / step time, of peak = GFLOP/s / matmul peak.\n")
-    top = f"  {'':<11}{'forward':^36}{'training step':^36}"
+    print("peak MiB = the rise of the peak memory during one call above the memory in use before it (a fresh process "
+          "per config and model, in which glibc hands freed blocks back at once);\nx diff = the row's figure over "
+          "diffusers'; GFLOP = matmuls and convolutions of one training step (FlopCounterMode, fused attention "
+          "included),\nGFLOP/s = GFLOP / step time, of peak = GFLOP/s / matmul peak.\n")
+    top = f"  {'':<11}{'forward':^36}{'training step':^36}".rstrip()
     header = (f"  {'model':<11}" + f"{'ms':>10}{'x diff':>8}{'peak MiB':>10}{'x diff':>8}" * 2
               + f"{'GFLOP':>9}{'GFLOP/s':>9}{'of peak':>8}")
     print(top + "\n" + header + "\n" + "-" * len(header))
@@ -329,8 +380,7 @@ def run_table(args: argparse.Namespace) -> dict:
     print_header(args, peak)
     table = {}
     for name in args.configs:
-        table[name] = {(model, mode): measure_in_fresh_process(name, model, mode, args)
-                       for mode in MODES for model in MODELS}
+        table[name] = measure(name, args)
         print_config(name, table[name], peak)
     lines = target_lines(table, peak)
     print("\n" + "\n".join(lines))
@@ -345,8 +395,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row, after the warm-up (default 5)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the measured rows to this JSON file")
-    parser.add_argument("--measure", nargs=3, metavar=("CONFIG", "MODEL", "MODE"),
-                        help="used by the script itself: measure one row in this process and print it as JSON")
+    parser.add_argument("--measure", nargs=3, metavar=("CONFIG", "WHAT", "MODEL"),
+                        help="used by the script itself: measure the times (of both models) or the memory (of one) "
+                             "in this process and print them as JSON")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -360,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.measure:
-        print(json.dumps(measure_row(*args.measure, args.repeats)))
+        name, what, model = args.measure
+        print(json.dumps(measure_times(name, args.repeats) if what == "time" else measure_memory(name, model)))
         return
     started = time.perf_counter()
     results = run_table(args)

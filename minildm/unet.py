@@ -182,7 +182,9 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)                                                  # (B, H*W, C)
         if self.linear_projection:
             h = self.proj_out(h)
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)                # (B, C, H, W)
+        # .contiguous(): the view has channels-last strides, and a conv that reads it would pass that layout on to
+        # every layer after it (each conv then copies its weights to match, forward and backward)
+        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous()   # (B, C, H, W)
         if not self.linear_projection:
             h = self.proj_out(h)
         return h + x

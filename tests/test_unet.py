@@ -70,6 +70,8 @@ def test_eps_hat_has_the_shape_of_z_t_for_any_config_and_non_square_sizes(change
         eps = model(zt, torch.arange(batch) * 100, context)
     assert eps.shape == zt.shape, f"eps_hat {tuple(eps.shape)} for z_t {tuple(zt.shape)} ({changes})"
     assert eps.isfinite().all(), f"non-finite eps_hat ({changes})"
+    # a channels-last view leaking out of a SpatialTransformer would make every later conv copy its weights
+    assert eps.is_contiguous(), f"eps_hat is not in the standard (contiguous) layout ({changes})"
 
 
 def test_out_channels_set_the_channels_of_the_answer():
