@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from minildm.attention import attention
+from minildm.attention import MultiHeadAttention
 from minildm.checkpoint import load_state_dict, load_strict, load_weights_into, read_config
 
 
@@ -159,30 +159,25 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(MultiHeadAttention):
     """Single-head self-attention over the H*W positions of the smallest feature map, with a residual.
 
     Convolutions see a 3x3 neighbourhood; this block lets every latent position look at every other one once.
-    It is cheap here because the map is only (H/f) x (W/f).
+    It is cheap here because the map is only (H/f) x (W/f). The layer is chapter 04's, with one head of all C
+    channels (and biases on q, k, v, as SD's VAE has).
     """
 
     def __init__(self, channels: int, groups: int):
-        super().__init__()
+        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
         self.norm = group_norm(channels, groups)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         _, _, height, width = x.shape
-        h = rearrange(self.norm(x), "b c h w -> b 1 (h w) c")   # one head over N = H*W positions
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)       # (B, 1, N, C) each
-        # softmax(q k^T / sqrt(C)) v
-        h = self.to_out(attention(q, k, v))                      # (B, 1, N, C)
+        # softmax(q k^T / sqrt(C)) v over N = H*W positions
+        h = super().forward(rearrange(self.norm(x), "b c h w -> b (h w) c"))    # (B, N, C)
         # attention output first, as diffusers adds it: the sum takes that tensor's (channels-last) memory layout,
         # so the convs after it round exactly as diffusers' do (x + h gives the same math, ~1e-5 apart in float32)
-        return rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width) + x
+        return rearrange(h, "b (h w) c -> b c h w", h=height, w=width) + x
 
 
 class MidBlock(nn.Module):
