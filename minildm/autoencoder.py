@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import load_state_dict, load_strict, load_weights_into, read_config
+from minildm.checkpoint import config_from_dict, load_state_dict, load_strict, load_weights_into, read_config
 
 
 @dataclass
@@ -72,11 +72,7 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown AutoencoderConfig keys {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def latent_shape(height: int, width: int, config: AutoencoderConfig | None = None) -> tuple[int, int, int]:

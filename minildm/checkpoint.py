@@ -79,6 +79,15 @@ def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: Any, e
     return write_folder_atomically(folder, files)
 
 
+def config_from_dict(cls: type, d: dict) -> Any:
+    """A config dataclass from a config.json dict; a key the dataclass does not have is an error that lists them."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected some of {known}")
+    return cls(**d)
+
+
 def read_config(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     path = folder / CONFIG_NAME

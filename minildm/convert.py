@@ -28,7 +28,8 @@ Rule = tuple[str, "str | Callable[[re.Match], str]"]
 
 # diffusers -> ours. Applied in order, each rule once, to every key. Keys no rule touches (conv_in, conv_out,
 # norm1, conv2, quant_conv, ...) are already spelled the same in both layouts.
-DIFFUSERS_VAE_RULES: list[Rule] = [
+# The levels, the middle and the ResBlocks are named alike in the VAE and the U-Net:
+DIFFUSERS_LEVEL_RULES: list[Rule] = [
     (r"\b(down|up)_blocks\.(\d+)\.resnets\.", r"\1.\2.res."),              # down_blocks.i.resnets.j -> down.i.res.j
     (r"\b(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.", r"\1.\2.resample."),
     (r"\bmid_block\.resnets\.0\.", "mid.res1."),
@@ -36,6 +37,9 @@ DIFFUSERS_VAE_RULES: list[Rule] = [
     (r"\bmid_block\.attentions\.0\.", "mid.attn."),
     (r"\bconv_norm_out\.", "norm_out."),
     (r"\.conv_shortcut\.", ".skip."),
+]
+DIFFUSERS_VAE_RULES: list[Rule] = [
+    *DIFFUSERS_LEVEL_RULES,
     (r"\.attn\.group_norm\.", ".attn.norm."),
     (r"\.attn\.(to_out\.0|proj_attn)\.", ".attn.to_out."),                 # proj_attn: diffusers < 0.14 naming
     (r"\.attn\.query\.", ".attn.to_q."),                                   # query/key/value: diffusers < 0.14
@@ -181,11 +185,9 @@ def vae_from_compvis(state_dict: dict[str, Tensor], config: AutoencoderConfig | 
 
 # diffusers UNet2DConditionModel -> ours: the VAE's level and mid-block rules, and the transformer's few renames.
 DIFFUSERS_UNET_RULES: list[Rule] = [
-    *DIFFUSERS_VAE_RULES[:5],                                              # down/up levels, resample, mid block
+    *DIFFUSERS_LEVEL_RULES,
     (r"^time_embedding\.linear_1\.", "time_mlp.0."),
     (r"^time_embedding\.linear_2\.", "time_mlp.2."),
-    (r"^conv_norm_out\.", "norm_out."),
-    (r"\.conv_shortcut\.", ".skip."),
     (r"\.time_emb_proj\.", ".time_proj."),
     (r"\b(down|up)_blocks\.(\d+)\.attentions\.", r"\1.\2.attn."),
     (r"\.transformer_blocks\.", ".blocks."),
@@ -205,7 +207,7 @@ UNET_DEFAULTS = {"center_input_sample": False, "act_fn": "silu", "downsample_pad
                  "timestep_post_act": None, "projection_class_embeddings_input_dim": None, "attention_type": "default",
                  "time_embedding_dim": None, "time_embedding_act_fn": None, "class_embeddings_concat": False,
                  "cross_attention_norm": None, "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
-                 "encoder_hid_dim_type": None, "reverse_transformer_layers_per_block": None, "dropout": 0.0}
+                 "encoder_hid_dim_type": None, "reverse_transformer_layers_per_block": None}
 # no effect on the function: our softmax is float32 anyway, and there is no addition embedding to give heads to
 UNET_IGNORED = {"sample_size", "upcast_attention", "addition_embed_type_num_heads"}
 
@@ -214,7 +216,7 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
     """Read a diffusers UNet2DConditionModel config dict; an option that changes the math we implement is refused."""
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     for key, default in UNET_DEFAULTS.items():
-        if key in config and config[key] != default and key != "dropout":
+        if key in config and config[key] != default:
             raise ValueError(f"{key}={config[key]!r} is not supported (we implement {default!r}, as SD 1 and 2 use)")
     down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
     up = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
@@ -229,7 +231,7 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "up_block_types",
         "mid_block_type", "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps",
         "cross_attention_dim", "attention_head_dim", "num_attention_heads", "use_linear_projection",
-        "transformer_layers_per_block"})
+        "transformer_layers_per_block", "dropout"})
     if unknown:
         raise ValueError(f"unknown diffusers UNet2DConditionModel config keys {unknown}: they may change what the model "
                          "computes; drop them only if you know they are at a no-op value")
@@ -265,5 +267,6 @@ def unet_from_diffusers(config: dict, state_dict: dict[str, Tensor]) -> UNet:
     return load_renamed(model, renamed, origin, "diffusers UNet2DConditionModel state dict")
 
 
-__all__ = ["DIFFUSERS_UNET_RULES", "DIFFUSERS_VAE_RULES", "compvis_vae_rules", "config_from_diffusers",
-           "unet_config_from_diffusers", "unet_from_diffusers", "vae_from_compvis", "vae_from_diffusers"]
+__all__ = ["DIFFUSERS_LEVEL_RULES", "DIFFUSERS_UNET_RULES", "DIFFUSERS_VAE_RULES", "compvis_vae_rules",
+           "config_from_diffusers", "unet_config_from_diffusers", "unet_from_diffusers", "vae_from_compvis",
+           "vae_from_diffusers"]

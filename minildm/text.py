@@ -13,7 +13,7 @@ import itertools
 import json
 import re
 import textwrap
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import load_weights_into, read_config, save_model
+from minildm.checkpoint import config_from_dict, load_weights_into, read_config, save_model
 from minildm.data import COLOURS, POSITION_WORDS, SHAPE_KINDS, SIZE_WORDS, ShapeFactors, caption
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")   # ids 0, 1, 2: padding is id 0, so a fresh tensor of zeros is padding
@@ -143,11 +143,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextEncoderConfig":
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown TextEncoderConfig keys {unknown}; expected some of {known}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class TextTransformerBlock(nn.Module):

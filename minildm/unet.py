@@ -11,7 +11,7 @@ as diffusers' `UNet2DConditionModel` (tests/oracle compares them), so SD's weigh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,6 @@ class UNetConfig:
     num_timesteps: int = 1000                                  # T: valid timesteps are [0, T)
     flip_sin_to_cos: bool = True                               # timestep embedding as [cos, sin] (SD) or [sin, cos]
     freq_shift: float = 0.0                                    # diffusers' downscale_freq_shift (SD: 0)
-    extra: dict = field(default_factory=dict)                  # anything else a saved config carried along
 
     def __post_init__(self):
         self.block_channels = tuple(self.block_channels)
