@@ -30,6 +30,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) -> Path:
     """Write `files` ({name: dict for JSON | dict of tensors for safetensors | bytes}) as `folder`, atomically.
+    Names may contain folders ("unet/model.safetensors"), so a pipeline of several models is written in one swap.
 
     The files go into a fresh temporary folder next to `folder`; only when every one is written and flushed does
     the temporary folder take the place of the old one. An interruption leaves the old checkpoint untouched.
@@ -43,7 +44,10 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
     old = None
     try:
         for name, content in files.items():
-            path = tmp / name
+            path = tmp / name                # a name may hold folders ("unet/config.json"): a folder of models
+            for parent in reversed(path.relative_to(tmp).parents[:-1]):
+                (tmp / parent).mkdir(exist_ok=True)
+                os.chmod(tmp / parent, 0o777 & ~umask)
             if isinstance(content, bytes):
                 path.write_bytes(content)
             elif name.endswith(".safetensors"):
@@ -71,12 +75,15 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
     return folder
 
 
+def model_files(model: torch.nn.Module, config: Any, extra_files: dict | None = None) -> dict[str, Any]:
+    """The files of a model folder: config.json (from a dataclass or dict), model.safetensors, and any extras."""
+    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return {CONFIG_NAME: config_dict, WEIGHTS_NAME: model.state_dict(), **(extra_files or {})}
+
+
 def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: Any, extra_files: dict | None = None) -> Path:
     """Save `model` (its state dict) and its `config` (a dataclass or dict) as a model folder."""
-    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    files = {CONFIG_NAME: config_dict, WEIGHTS_NAME: model.state_dict()}
-    files.update(extra_files or {})
-    return write_folder_atomically(folder, files)
+    return write_folder_atomically(folder, model_files(model, config, extra_files))
 
 
 def config_from_dict(cls: type, d: dict) -> Any:

@@ -73,6 +73,35 @@ def cmd_train_vae(args) -> int:
     return 0
 
 
+def cmd_train_ldm(args) -> int:
+    import torch
+
+    from minildm.train_ldm import LDMTrainConfig, LDMTrainer, export_pipeline, model_configs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    values = {f.name: getattr(args, f.name) for f in fields(LDMTrainConfig) if getattr(args, f.name, None) is not None}
+    cfg = LDMTrainConfig(**values)
+    models = model_configs(cfg.space, channels=args.channels, attention=args.attention, heads=args.heads,
+                           layers_per_block=args.layers_per_block, text_dim=args.text_dim, text_depth=args.text_depth,
+                           norm_groups=args.norm_groups, prediction_type=cfg.prediction_type)
+    start = time.time()
+    trainer = LDMTrainer(cfg, args.out, models, resume=args.resume, device=args.device)
+    summary = trainer.run(stop_after=args.stop_after)
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    if trainer.rank != 0:
+        return 0
+    print(json.dumps(summary, indent=2))
+    if summary.get("interrupted"):
+        print(f"stopped by Ctrl-C at step {summary['steps']}; continue with the same command and --resume")
+    if args.export and not summary.get("stopped_early"):
+        notes = {"command": "minildm " + " ".join(args.argv), "seed": cfg.seed, "data_seed": cfg.data_seed,
+                 "torch_threads": torch.get_num_threads(), **summary}
+        export_pipeline(args.out, args.export, notes)
+        print(f"exported the pipeline to {args.export}")
+    return 0
+
+
 def cmd_workbook_build(args) -> int:
     from minildm.grading.workbook import build_workbook
 
@@ -137,6 +166,42 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_device(tv)
     tv.set_defaults(func=cmd_train_vae)
+
+    tl = sub.add_parser("train-ldm", help="train the latent diffusion model (U-Net + text encoder) on Shapes latents")
+    tl.add_argument("--out", required=True, help="training folder (checkpoint, latent cache, sample grids)")
+    tl.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    tl.add_argument("--stop-after", dest="stop_after", type=int, default=None,
+                    help="train at most this many steps now, save, and stop (continue later with --resume)")
+    tl.add_argument("--export", default=None, help="also write the pipeline (EMA weights + training record) here")
+    tl.add_argument("--steps", type=int)
+    tl.add_argument("--batch-size", dest="batch_size", type=int, help="images per step on each process")
+    tl.add_argument("--lr", type=float)
+    tl.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    tl.add_argument("--prediction", dest="prediction_type", choices=["epsilon", "sample", "v_prediction"],
+                    help="what the U-Net predicts: eps (default), z_0 or v")
+    tl.add_argument("--caption-dropout", dest="caption_dropout", type=float,
+                    help="share of captions replaced by the empty prompt, for guidance (default 0.1)")
+    tl.add_argument("--ema-decay", dest="ema_decay", type=float)
+    tl.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="autocast dtype (auto: bf16 or fp16 on CUDA, fp32 on CPU and MPS)")
+    tl.add_argument("--space", choices=["latent", "pixel"], help="diffuse VAE latents (default) or raw pixels")
+    tl.add_argument("--vae", help="a shipped VAE name or a VAE folder (default shapes64)")
+    tl.add_argument("--seed", type=int)
+    tl.add_argument("--data-seed", dest="data_seed", type=int)
+    tl.add_argument("--num-images", dest="num_train_images", type=int)
+    tl.add_argument("--save-every", dest="save_every", type=int)
+    tl.add_argument("--sample-every", dest="sample_every", type=int, help="write a sample grid every N steps (0: never)")
+    tl.add_argument("--log-every", dest="log_every", type=int, help="record the mean loss every N steps (default 25)")
+    tl.add_argument("--channels", help="U-Net block_channels, e.g. 64,128 (default)")
+    tl.add_argument("--attention", help="which levels attend, e.g. 1,1 (default: all)")
+    tl.add_argument("--heads", type=int, default=4)
+    tl.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
+    tl.add_argument("--norm-groups", dest="norm_groups", type=int, default=16)
+    tl.add_argument("--text-dim", dest="text_dim", type=int, default=64, help="text encoder width = U-Net context_dim")
+    tl.add_argument("--text-depth", dest="text_depth", type=int, default=2)
+    tl.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_device(tl)
+    tl.set_defaults(func=cmd_train_ldm)
 
     wb = sub.add_parser("workbook", help="classroom: build a student workbook with chosen solutions taken out")
     wb_sub = wb.add_subparsers(dest="workbook_command", required=True)

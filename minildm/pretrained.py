@@ -8,15 +8,23 @@ import torch
 
 from minildm.autoencoder import AutoencoderKL
 from minildm.device import get_device
+from minildm.judge import Judge
+from minildm.pipeline import PIPELINE_NAME, LatentDiffusion
 
 ASSETS = Path(__file__).parent / "assets"
 VAES = {"shapes64": ASSETS / "shapes64-vae"}
+JUDGES = {"shapes64": ASSETS / "shapes64-judge"}
+PIPELINES = {"shapes64": ASSETS / "shapes64-ldm"}
 
 
 def vae_folder(name: str) -> Path:
-    if name not in VAES:
-        raise ValueError(f"no shipped VAE called {name!r}; available: {', '.join(VAES)}")
-    folder = VAES[name]
+    return asset_folder(name, VAES, "VAE")
+
+
+def asset_folder(name: str, shipped: dict[str, Path], what: str) -> Path:
+    if name not in shipped:
+        raise ValueError(f"no shipped {what} called {name!r}; available: {', '.join(shipped)}")
+    folder = shipped[name]
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder}: the shipped weights are missing; reinstall minildm or retrain them "
                                 f"with the command in {folder / 'README.md'}")
@@ -31,3 +39,23 @@ def load_vae_folder(folder: str | Path, device: str | torch.device | None = None
 def load_vae(name: str = "shapes64", device=None) -> AutoencoderKL:
     """The shipped VAE: 'shapes64' maps 64x64x3 Shapes images to 4x8x8 latents (the same 48x as SD)."""
     return load_vae_folder(vae_folder(name), device)
+
+
+def pipeline_folder(name: str) -> Path:
+    if name not in PIPELINES:
+        raise ValueError(f"no shipped pipeline called {name!r}; available: {', '.join(PIPELINES)}")
+    folder = PIPELINES[name]
+    if not (folder / PIPELINE_NAME).is_file():
+        raise FileNotFoundError(f"{folder}: the shipped weights are missing; reinstall minildm or retrain them "
+                                f"with the command in {folder / 'README.md'}")
+    return folder
+
+
+def load_pipeline(name: str = "shapes64", device=None) -> LatentDiffusion:
+    """The shipped text-to-image model: 'shapes64' draws 64x64 Shapes from captions, reusing the shapes64 VAE."""
+    return LatentDiffusion.from_folder(pipeline_folder(name), device)
+
+
+def load_judge(name: str = "shapes64", device=None) -> Judge:
+    """The shipped Shapes judge (minildm/judge.py): reads kind, colour, size, position and background, for metrics."""
+    return Judge.from_folder(asset_folder(name, JUDGES, "judge")).eval().to(get_device(device))

@@ -486,28 +486,47 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options) 
     return SAMPLERS[name](schedule, num_steps, **options)
 
 
+def img2img_start(sampler: Sampler, z0: Tensor, noise: Tensor, strength: float) -> tuple[int, Tensor]:
+    """Where img2img starts: (the index of the first evaluation to run, the latent the loop starts from).
+
+    SDEdit (Meng et al. 2021): noise the clean z_0 only part of the way, to the level of step (1 - strength) N, and
+    let the sampler denoise from there; what the noise did not reach (the layout, the colours) survives. Strength 0
+    leaves no step to run and returns z_0; strength 1 starts from pure noise, as if there were no image.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+    # BEGIN SOLUTION ch08.img2img_start
+    if strength == 1.0:
+        return 0, noise * sampler.init_noise_sigma                # pure noise at the sampler's starting scale
+    start = sampler.start_index(strength)                         # skip the first (1 - strength) of the steps
+    if start >= len(sampler.timesteps):
+        return start, z0.clone()                                  # strength 0: no step left to run
+    # z_start = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, at the level of evaluation `start`
+    return start, sampler.add_noise(z0, noise, start)             # (B, C, h, w)
+    # END SOLUTION
+
+
 @torch.no_grad()
 def sample(model_fn: ModelFn, noise: Tensor, sampler: Sampler, generator: torch.Generator | None = None,
            callback: Callable[[Step], None] | None = None, init: Tensor | None = None,
-           strength: float = 1.0) -> Tensor:
+           strength: float = 1.0, before_step: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
     """Reverse diffusion: from standard-normal `noise` (B, C, h, w) to a clean latent z_0.
 
-    img2img: give `init` (a clean z_0) and a `strength` in [0, 1]; the loop then starts from `init` noised to the
-    level of step (1 - strength) N and runs the remaining steps (strength 1: from pure noise, as without init).
-    `generator` supplies the fresh noise of stochastic samplers (DDPM, DDIM with eta > 0, Euler ancestral).
+    img2img: give `init` (a clean z_0) and a `strength` in [0, 1] (see `img2img_start`); strength 1 starts from
+    pure noise, as without init. `generator` supplies the fresh noise of stochastic samplers (DDPM, DDIM with
+    eta > 0, Euler ancestral). `before_step(i, z) -> z` may change z before evaluation i (inpainting puts the
+    known region back there).
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
     sampler.reset()
-    start = 0
     if init is None:
-        z = noise * sampler.init_noise_sigma                    # the sampler's starting scale
+        start, z = 0, noise * sampler.init_noise_sigma          # the sampler's starting scale
     else:
-        start = sampler.start_index(strength)
-        if start >= len(sampler.timesteps):
-            return init.clone()                                 # strength 0: nothing to do
-        z = sampler.add_noise(init, noise, start)
+        start, z = img2img_start(sampler, init, noise, strength)
     for i in range(start, len(sampler.timesteps)):
+        if before_step is not None:
+            z = before_step(i, z)
         t = float(sampler.timesteps[i])
         zt = sampler.model_input(z, i)
         output = model_fn(zt, torch.full((z.shape[0],), t, device=z.device))

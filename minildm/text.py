@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import config_from_dict, load_weights_into, read_config, save_model
+from minildm.checkpoint import config_from_dict, load_weights_into, model_files, read_config, write_folder_atomically
 from minildm.data import COLOURS, POSITION_WORDS, SHAPE_KINDS, SIZE_WORDS, ShapeFactors, caption
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")   # ids 0, 1, 2: padding is id 0, so a fresh tensor of zeros is padding
@@ -214,11 +214,16 @@ class TextEncoder(nn.Module):
         return load_weights_into(cls(TextEncoderConfig.from_dict(read_config(folder))), folder)
 
 
-def save_text_encoder(folder, encoder: TextEncoder, tokenizer: Tokenizer) -> Path:
-    """Save the encoder as a model folder, with its tokenizer's vocabulary (vocab.json): ids mean nothing without it."""
+def text_encoder_files(encoder: TextEncoder, tokenizer: Tokenizer) -> dict:
+    """The encoder's model folder, with its tokenizer's vocabulary (vocab.json): ids mean nothing without it."""
     config = encoder.config
     if (tokenizer.vocab_size, tokenizer.max_length) != (config.vocab_size, config.max_length):
         raise ValueError(f"the tokenizer ({tokenizer.vocab_size} words, max_length {tokenizer.max_length}) does not "
                          f"fit the encoder ({config.vocab_size}, {config.max_length}); save the pair that was trained")
     vocab = {"words": tokenizer.words, "max_length": tokenizer.max_length}
-    return save_model(folder, encoder, config, extra_files={VOCAB_NAME: vocab})
+    return model_files(encoder, config, extra_files={VOCAB_NAME: vocab})
+
+
+def save_text_encoder(folder, encoder: TextEncoder, tokenizer: Tokenizer) -> Path:
+    """Save the encoder and its vocabulary as a model folder."""
+    return write_folder_atomically(folder, text_encoder_files(encoder, tokenizer))

@@ -154,6 +154,20 @@ def held_out_images(cfg: VAETrainConfig) -> torch.Tensor:
     return ShapesDataset(cfg.eval_images, seed=EVAL_SEED, image_size=cfg.image_size).images()
 
 
+@torch.no_grad()
+def encode_moments(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The frozen encoder's posterior (mean, logvar) for every image of `pixels` (N, H, W, 3) uint8, computed once:
+    (N, 2C, h, w) on the VAE's device. Training the decoder (here) and the diffusion model (train_ldm.py) both draw
+    fresh posterior samples from these moments each step instead of running the encoder again."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    moments = []
+    for i in range(0, len(pixels), batch):
+        posterior = vae.encode(to_tensor_batch(pixels[i:i + batch].numpy()).to(device))
+        moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1))   # (b, 2C, h, w)
+    return torch.cat(moments)                                                  # (N, 2C, h, w)
+
+
 class VAETrainer:
     """Holds the model, optimizers and step; `run()` trains to cfg.steps, saving as it goes."""
 
@@ -185,15 +199,9 @@ class VAETrainer:
         self.pixels = training_pixels(cfg)
         self.cached = self.cache_posteriors() if cfg.finetune_decoder else None
 
-    @torch.no_grad()
     def cache_posteriors(self) -> torch.Tensor:
         """Fine-tuning the decoder: the frozen encoder's moments for every training image, computed once."""
-        self.vae.eval()
-        moments = []
-        for i in range(0, len(self.pixels), 256):
-            posterior = self.vae.encode(to_tensor_batch(self.pixels[i:i + 256].numpy()).to(self.device))
-            moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1))   # (b, 2C, h, w)
-        return torch.cat(moments)                                                  # (N, 2C, h, w)
+        return encode_moments(self.vae, self.pixels)
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
@@ -323,4 +331,4 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
     return write_folder_atomically(export_to, files)
 
 
-__all__ = ["VAETrainConfig", "VAETrainer", "export_model", "learning_rate"]
+__all__ = ["VAETrainConfig", "VAETrainer", "encode_moments", "export_model", "learning_rate", "step_generator"]

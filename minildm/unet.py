@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
 from minildm.autoencoder import ResBlock, Upsample, group_norm
+from minildm.checkpoint import config_from_dict, load_weights_into, read_config
 
 
 @dataclass
@@ -322,3 +323,8 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)                                              # (B, C, 2 h_i, 2 w_i)
         return self.conv_out(F.silu(self.norm_out(h)))                             # (B, C_out, h, w)
+
+    @classmethod
+    def from_folder(cls, folder) -> "UNet":
+        """A model folder (config.json + model.safetensors) -> the U-Net, on the CPU, weights checked strictly."""
+        return load_weights_into(cls(config_from_dict(UNetConfig, read_config(folder))), folder)

@@ -1,0 +1,422 @@
+"""Chapter 08: the whole machine. A prompt becomes an image: text encoder -> U-Net in a sampler loop -> VAE decoder.
+
+`LatentDiffusion` holds the five parts (VAE, U-Net, text encoder, tokenizer, noise schedule) and adds the three
+things a user asks of them, all through one sampling loop (samplers.sample):
+
+- text_to_image: start from noise and denoise, steered by classifier-free guidance (Ho & Salimans 2022);
+- image_to_image: start from an image's latent noised part of the way (SDEdit, Meng et al. 2021);
+- inpaint: at every step put the known part of the latent back, noised to the current level (RePaint, Lugmayr et
+  al. 2022; Stable Diffusion's "legacy" inpainting), so only the masked part is invented.
+
+The "VAE" may also be an identity autoencoder (pixel-space diffusion): the pipeline only calls its encode, decode,
+to_z0, from_z0 and config.downsampling_factor. A saved pipeline is a folder of model folders, like diffusers'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minildm.autoencoder import AutoencoderKL, swap_decoder
+from minildm.checkpoint import config_from_dict, model_files, write_folder_atomically
+from minildm.device import cpu_generator, default_dtype, get_device, randn
+from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, img2img_start, make_sampler, sample
+from minildm.schedule import NoiseSchedule
+from minildm.text import SPECIAL_TOKENS, TextEncoder, Tokenizer, split_words, text_encoder_files
+from minildm.unet import UNet
+
+PIPELINE_NAME = "pipeline.json"
+SCHEDULER_NAME = "scheduler.json"
+OUTPUT_TYPES = ("images", "latents")
+
+
+# ------------------------------------------------------------------------------ classifier-free guidance
+
+
+def guided_output(uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): step past the prompt's answer, away from the empty prompt's.
+
+    w = 1 is the prompt alone, w = 0 ignores it, w > 1 exaggerates whatever the prompt changes: sharper prompt
+    following, less variety. It works because caption dropout trained one network to answer both questions.
+    """
+    # BEGIN SOLUTION ch08.cfg_combine
+    # eps_tilde = eps(z_t, "") + w (eps(z_t, c) - eps(z_t, ""))
+    return uncond + guidance_scale * (cond - uncond)                   # (B, C, h, w)
+    # END SOLUTION
+
+
+def guided_model_fn(unet: nn.Module, context: Tensor, uncond_context: Tensor, guidance_scale: float) -> ModelFn:
+    """model_fn(z_t, t) for the sampler. With guidance, the U-Net runs once on the doubled batch [uncond; cond], as
+    SD does: one big call is faster than two small ones. w = 1 and w = 0 need only one half, so run only that."""
+    def model_fn(zt: Tensor, t: Tensor) -> Tensor:
+        if guidance_scale == 1.0:
+            return unet(zt, t, context)
+        if guidance_scale == 0.0:
+            return unet(zt, t, uncond_context)
+        both = unet(torch.cat([zt, zt]), torch.cat([t, t]), torch.cat([uncond_context, context]))   # (2B, C, h, w)
+        uncond, cond = both.chunk(2)                                                              # (B, C, h, w) each
+        return guided_output(uncond, cond, guidance_scale)
+    return model_fn
+
+
+# ------------------------------------------------------------------------------------------ inpainting
+
+
+def keep_known_region(sampler: Sampler, noise: Tensor, z_known: Tensor,
+                      repaint: Tensor) -> Callable[[int, Tensor], Tensor]:
+    """samplers.sample's before_step for inpainting: before each evaluation, the kept region of z becomes the
+    image's latent noised to that evaluation's level, so the model sees the two regions at one noise level and
+    fits the repainted one to its surroundings (RePaint's blend, without its resampling)."""
+    def before_step(i: int, z: Tensor) -> Tensor:
+        # z = m z + (1 - m) q(z_known at evaluation i's level),  m = 1 where we repaint
+        return repaint * z + (1 - repaint) * sampler.add_noise(z_known, noise, i)      # (B, C, h, w)
+    return before_step
+
+
+# ------------------------------------------------------------------------------------- the parts agree
+
+
+def mismatches(vae: nn.Module, unet: UNet, text_encoder: TextEncoder, tokenizer: Tokenizer,
+               schedule: NoiseSchedule, names: dict | None = None) -> list[str]:
+    """What does not fit between the parts; `names` says what to call each part (a file, when loading)."""
+    n = {"vae": "the VAE", "unet": "the U-Net", "text_encoder": "the text encoder", "tokenizer": "the tokenizer",
+         "schedule": "the schedule", **(names or {})}
+    u, te = unet.config, text_encoder.config
+    problems = []
+    latent_channels = getattr(vae.config, "latent_channels", None)
+    if latent_channels is not None and latent_channels != u.in_channels:
+        problems.append(f"{n['unet']} reads {u.in_channels}-channel latents but {n['vae']} makes {latent_channels}")
+    if u.context_dim != te.dim:
+        problems.append(f"{n['unet']} reads a context of width {u.context_dim} but {n['text_encoder']} makes {te.dim}")
+    if (tokenizer.vocab_size, tokenizer.max_length) != (te.vocab_size, te.max_length):
+        problems.append(f"{n['tokenizer']} has {tokenizer.vocab_size} words and max_length {tokenizer.max_length} but "
+                        f"{n['text_encoder']} expects {te.vocab_size} and {te.max_length}")
+    if u.num_timesteps != schedule.num_timesteps:
+        problems.append(f"{n['unet']} knows {u.num_timesteps} timesteps but {n['schedule']} has "
+                        f"{schedule.num_timesteps}")
+    return problems
+
+
+def check_defaults(guidance_scale: float, sampler: str, steps: int) -> None:
+    if not guidance_scale >= 0:                                        # NaN fails this too
+        raise ValueError(f"guidance_scale must be >= 0 (0: ignore the prompt, 1: the prompt alone, SD uses 7.5); "
+                         f"got {guidance_scale}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number of at least 1 (e.g. 50); got {steps!r}")
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
+class LatentDiffusion:
+    """The parts of Stable Diffusion and the three ways to use them. Every call is seeded: the starting noise, and
+    any noise a stochastic sampler draws, come from one CPU generator, so a seed means the same image anywhere."""
+
+    def __init__(self, vae: nn.Module, unet: UNet, text_encoder: TextEncoder, tokenizer: Tokenizer,
+                 schedule: NoiseSchedule, device: str | torch.device | None = None, guidance_scale: float = 7.5,
+                 sampler: str = "ddim", steps: int = 50):
+        problems = mismatches(vae, unet, text_encoder, tokenizer, schedule)
+        if problems:
+            raise ValueError("the pipeline's parts do not fit: " + "; ".join(problems) + "; use parts trained together")
+        check_defaults(guidance_scale, sampler, steps)
+        self.device = next(unet.parameters()).device if device is None else get_device(device)
+        self.vae, self.unet, self.text_encoder = (m.to(self.device).eval() for m in (vae, unet, text_encoder))
+        self.tokenizer, self.schedule = tokenizer, schedule
+        self.dtype = next(unet.parameters()).dtype
+        self.guidance_scale, self.sampler, self.steps = guidance_scale, sampler, steps
+
+    @property
+    def space(self) -> str:
+        """"latent" with a VAE, "pixel" with an identity autoencoder."""
+        return "latent" if isinstance(self.vae, AutoencoderKL) else "pixel"
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE divides them by f, then the U-Net halves them again."""
+        return self.vae.config.downsampling_factor * self.unet.config.downsampling_factor
+
+    # ---------------------------------------------------------------------------- the user's input, checked
+
+    def check_size(self, height: int, width: int) -> tuple[int, int]:
+        """The latent's (h, w) for an image of height x width."""
+        m, f = self.size_multiple, self.vae.config.downsampling_factor
+        sides = (height, width)
+        if not all(isinstance(s, int) and s > 0 for s in sides) or height % m or width % m:
+            fit = "x".join(str(max(m, round(s / m) * m)) if isinstance(s, (int, float)) else str(m) for s in sides)
+            raise ValueError(f"image size {height}x{width} is not a multiple of {m} (the VAE divides it by {f}, the "
+                             f"U-Net by {m // f} more); use {fit}")
+        return height // f, width // f
+
+    def check_prompts(self, prompts: str | Sequence[str], what: str = "prompts") -> list[str]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError(f"{what} is an empty list; give at least one prompt (\"\" is the empty prompt)")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{what} must be strings, got {[type(p).__name__ for p in prompts]}")
+        unknown = sorted({w for p in prompts for w in split_words(p) if w not in self.tokenizer.ids})
+        if unknown:
+            known = self.tokenizer.words[len(SPECIAL_TOKENS):]
+            raise ValueError(f"unknown words {', '.join(map(repr, unknown))} in the {what}; this text encoder knows "
+                             f"{len(known)} words (e.g. {', '.join(known[:8])}); rephrase with those, or train a text "
+                             f"encoder with Tokenizer(extra_words=[...])")
+        return prompts
+
+    def check_images(self, image: Tensor) -> Tensor:
+        """(3, H, W) or (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) on the pipeline's device and dtype."""
+        channels = getattr(self.vae.config, "in_channels", 3)
+        if not isinstance(image, Tensor) or image.ndim not in (3, 4) or image.shape[-3] != channels:
+            got = f"shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"image must be a ({channels}, H, W) or (B, {channels}, H, W) tensor, got {got}; "
+                             f"convert it with torchvision.transforms.functional.to_tensor and put channels first")
+        image = image[None] if image.ndim == 3 else image
+        self.check_size(image.shape[2], image.shape[3])
+        low, high = image.min().item(), image.max().item()
+        if not (low >= -1 - 1e-4 and high <= 1 + 1e-4):                 # NaN fails this too
+            raise ValueError(f"image values must lie in [-1, 1], got {low:g}..{high:g}; map [0, 1] images with "
+                             f"2 x - 1 and [0, 255] ones with x / 127.5 - 1")
+        return image.clamp(-1, 1).to(self.device, self.dtype)
+
+    def check_mask(self, mask: Tensor, image: Tensor) -> Tensor:
+        """(H, W) or (B, 1, H, W) of 0s and 1s (1 = repaint) -> (B, 1, h, w) at latent size: a latent cell is
+        repainted if any of its pixels is (max-pooling), so no pixel to repaint is left stuck to the old image."""
+        b, _, height, width = image.shape
+        shapes = f"({height}, {width}) or ({b}, 1, {height}, {width})"
+        fits = isinstance(mask, Tensor) and (tuple(mask.shape) == (height, width) or (
+            mask.ndim == 4 and mask.shape[0] in (1, b) and tuple(mask.shape[1:]) == (1, height, width)))
+        if not fits:
+            got = f"shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be {shapes} for this {height}x{width} image, got {got}; resize it to the "
+                             f"image")
+        if not ((mask == 0) | (mask == 1)).all():
+            odd = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
+            raise ValueError(f"mask must hold only 0 (keep) and 1 (repaint), got values like {odd}; threshold it "
+                             f"with (mask > 0.5)")
+        mask = mask.to(self.device, self.dtype).reshape(-1, 1, height, width).expand(b, 1, height, width)
+        f = self.vae.config.downsampling_factor
+        return F.max_pool2d(mask, kernel_size=f) if f > 1 else mask                     # (B, 1, h, w)
+
+    # -------------------------------------------------------------------------------- between x and z_0
+
+    @torch.no_grad()
+    def encode_images(self, image: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> z_0 (B, C, h, w): the posterior's mean, times the scale factor."""
+        return self.vae.to_z0(self.vae.encode(self.check_images(image)).mean)
+
+    @torch.no_grad()
+    def decode_latents(self, z0: Tensor) -> Tensor:
+        """z_0 (or z_t, or z0_hat from a Step) -> images (B, 3, H, W) in [-1, 1], float32 on the CPU."""
+        x = self.vae.decode(self.vae.from_z0(z0.to(self.device, self.dtype)))
+        return x.clamp(-1, 1).float().cpu()
+
+    def swap_vae_decoder(self, file: str | os.PathLike) -> None:
+        """Use the decoder in a VAE file (decoder.safetensors): same latents, another way to draw them."""
+        if not isinstance(self.vae, AutoencoderKL):
+            raise ValueError(f"this pipeline diffuses in pixel space ({type(self.vae).__name__}): it has no VAE "
+                             f"decoder to swap; use a latent-space pipeline")
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"{file}: no such VAE file; give a decoder.safetensors written by "
+                                    f"save_decoder_file")
+        try:
+            swap_decoder(self.vae, file)
+        except ValueError:
+            raise
+        except Exception as err:                    # safetensors raises its own types for files it cannot read
+            raise ValueError(f"{file}: not a readable VAE file ({err}); give a decoder.safetensors written by "
+                             f"save_decoder_file") from err
+        self.vae.to(self.device, self.dtype).eval()
+
+    # ------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompts, height: int, width: int, guidance_scale=None, sampler=None, steps=None, seed=0,
+                 negative_prompt=None, callback: Callable[[Step], None] | None = None, output_type="images",
+                 init: Tensor | None = None, strength: float = 1.0, known: tuple[Tensor, Tensor] | None = None):
+        """The one loop behind all three: prompts -> context; seeded noise -> (img2img start) -> sampler -> z_0.
+        `known` = (z_0 of the image, repaint mask at latent size) turns on inpainting."""
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        name = self.sampler if sampler is None else sampler
+        steps = self.steps if steps is None else steps
+        check_defaults(w, name, steps)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+        prompts = self.check_prompts(prompts)
+        negatives = [""] * len(prompts) if negative_prompt is None else self.check_prompts(negative_prompt,
+                                                                                           "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
+        h, w_latent = self.check_size(height, width)
+
+        encode = self.text_encoder.encode_prompts
+        context = encode(self.tokenizer, prompts, self.device).to(self.dtype)                # (B, L, D)
+        uncond_context = encode(self.tokenizer, negatives, self.device).to(self.dtype)       # (B, L, D)
+        model_fn = guided_model_fn(self.unet, context, uncond_context, w)
+        scheduler = make_sampler(name, self.schedule, steps)
+        generator = cpu_generator(seed)
+        shape = (len(prompts), self.unet.config.in_channels, h, w_latent)
+        noise = randn(shape, generator, self.device, self.dtype)                            # (B, C, h, w)
+
+        before_step = None if known is None else keep_known_region(scheduler, noise, *known)
+        z0 = sample(model_fn, noise, scheduler, generator, callback, init, strength, before_step)
+        if known is not None:
+            z_known, repaint = known
+            z0 = repaint * z0 + (1 - repaint) * z_known                   # the kept region, exactly the image's
+        return self.decode_latents(z0) if output_type == "images" else z0
+
+    def text_to_image(self, prompts: str | Sequence[str], guidance_scale: float | None = None,
+                      sampler: str | None = None, steps: int | None = None, seed: int | None = 0, height: int = 64,
+                      width: int = 64, negative_prompt: str | Sequence[str] | None = None,
+                      callback: Callable[[Step], None] | None = None, output_type: str = "images") -> Tensor:
+        """One image per prompt: (B, 3, H, W) in [-1, 1] (float32, CPU), or the z_0 latents (B, C, h, w)."""
+        return self.generate(prompts, height, width, guidance_scale, sampler, steps, seed, negative_prompt,
+                             callback, output_type)
+
+    def match_batch(self, image: Tensor, prompts) -> tuple[Tensor, list[str]]:
+        """One prompt per image; a single image or a single prompt is repeated to match the other."""
+        prompts = self.check_prompts(prompts)
+        b = max(image.shape[0], len(prompts))
+        if {image.shape[0], len(prompts)} - {1, b}:
+            raise ValueError(f"{image.shape[0]} images for {len(prompts)} prompts; give one prompt per image, or one "
+                             f"for all")
+        return image.expand(b, *image.shape[1:]), prompts * (b // len(prompts))
+
+    def image_to_image(self, image: Tensor, prompt: str | Sequence[str], strength: float = 0.6,
+                       guidance_scale: float | None = None, sampler: str | None = None, steps: int | None = None,
+                       seed: int | None = 0, negative_prompt: str | Sequence[str] | None = None,
+                       callback: Callable[[Step], None] | None = None, output_type: str = "images") -> Tensor:
+        """SDEdit: noise the image's latent to strength x the way and denoise it towards the prompt. Strength 0
+        gives back the image (through the VAE), strength 1 ignores it (the same as text_to_image, same seed)."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+        image, prompts = self.match_batch(self.check_images(image), prompt)
+        z0 = self.encode_images(image)                                                       # (B, C, h, w)
+        return self.generate(prompts, image.shape[2], image.shape[3], guidance_scale, sampler, steps, seed,
+                             negative_prompt, callback, output_type, init=z0, strength=strength)
+
+    def inpaint(self, image: Tensor, mask: Tensor, prompt: str | Sequence[str], strength: float = 1.0,
+                guidance_scale: float | None = None, sampler: str | None = None, steps: int | None = None,
+                seed: int | None = 0, negative_prompt: str | Sequence[str] | None = None,
+                callback: Callable[[Step], None] | None = None, output_type: str = "images",
+                keep_pixels: bool = False) -> Tensor:
+        """Repaint where mask = 1, keep where mask = 0. The latent's kept region is the image's at every step (noised
+        to that step's level) and exactly at the end; `keep_pixels` also pastes the original pixels there, since
+        the VAE's round trip blurs them a little."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+        image, prompts = self.match_batch(self.check_images(image), prompt)
+        repaint = self.check_mask(mask, image)                                               # (B, 1, h, w)
+        z0 = self.encode_images(image)                                                       # (B, C, h, w)
+        out = self.generate(prompts, image.shape[2], image.shape[3], guidance_scale, sampler, steps, seed,
+                            negative_prompt, callback, output_type, init=z0, strength=strength, known=(z0, repaint))
+        if output_type == "images" and keep_pixels:
+            m = mask.to(out.dtype).reshape(-1, 1, *image.shape[2:])                          # (B or 1, 1, H, W)
+            out = m * out + (1 - m) * image.float().cpu()
+        return out
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
+                    vae: nn.Module | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusion":
+        """A folder written by save_pipeline -> the pipeline, in eval mode on `device` (default: get_device()).
+        A pixel-space pipeline stores no VAE: pass its identity autoencoder as `vae`."""
+        folder = Path(folder)
+        meta_path = folder / PIPELINE_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{folder}: not a pipeline folder (no {PIPELINE_NAME}); write one with "
+                                    f"save_pipeline")
+        meta = json.loads(meta_path.read_text())
+        if vae is None:
+            if meta.get("space") == "pixel" or meta.get("vae") is None:
+                raise ValueError(f"{meta_path} says the pipeline works in pixel space and stores no VAE; pass the "
+                                 f"identity autoencoder it was trained with as vae=")
+            vae_folder = vae_path(folder, meta["vae"])
+            if not (vae_folder / "config.json").is_file():
+                raise FileNotFoundError(f"{meta_path} points to the VAE folder {meta['vae']!r}, but {vae_folder} holds "
+                                        f"no config.json; put the VAE there or save the pipeline with its VAE inside")
+            vae = AutoencoderKL.from_folder(vae_folder)
+            vae_name = str(Path(meta["vae"]) / "config.json")
+        else:
+            vae_name = "the given vae"
+        unet = UNet.from_folder(folder / "unet")
+        text_encoder = TextEncoder.from_folder(folder / "text_encoder")
+        tokenizer = Tokenizer.from_folder(folder / "text_encoder")
+        scheduler_path = folder / SCHEDULER_NAME
+        if not scheduler_path.is_file():
+            raise FileNotFoundError(f"{scheduler_path}: missing; a pipeline folder holds the NoiseSchedule there")
+        schedule = config_from_dict(NoiseSchedule, json.loads(scheduler_path.read_text()))
+        names = {"vae": vae_name, "unet": "unet/config.json", "text_encoder": "text_encoder/config.json",
+                 "tokenizer": "text_encoder/vocab.json", "schedule": SCHEDULER_NAME}
+        problems = mismatches(vae, unet, text_encoder, tokenizer, schedule, names)
+        if problems:
+            raise ValueError(f"{folder}: the parts do not fit: " + "; ".join(problems) + "; save the parts that were "
+                             "trained together")
+        device = get_device(device)
+        dtype = default_dtype(device) if dtype is None else dtype
+        parts = [m.to(device, dtype) for m in (vae, unet, text_encoder)]
+        return cls(*parts, tokenizer, schedule, device, meta.get("guidance_scale", 7.5), meta.get("sampler", "ddim"),
+                   meta.get("steps", 50))
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def vae_path(folder: Path, vae_folder_name: str) -> Path:
+    """The VAE folder a pipeline names, relative to the pipeline's folder. Normalised by hand: the system would
+    resolve "ldm/../vae" only once "ldm" exists, and a pipeline is checked before it is written."""
+    return Path(os.path.normpath(Path(folder) / vae_folder_name))
+
+
+def check_vae_reference(folder: Path, vae_folder_name: str, vae: nn.Module) -> None:
+    """A pipeline that points to a VAE folder must get back the VAE it was saved with (not, say, the original
+    decoder after a swap): refuse to write a reference that would load different weights."""
+    target = vae_path(folder, vae_folder_name)
+    if not (target / "config.json").is_file():
+        raise FileNotFoundError(f"{target}: no VAE model folder there; save the VAE there first, or pass "
+                                f"vae_folder_name=None to store it inside the pipeline")
+    stored = AutoencoderKL.from_folder(target).state_dict()
+    ours = vae.state_dict()
+    if stored.keys() != ours.keys() or any(not torch.equal(stored[k], ours[k].detach().cpu().to(stored[k].dtype))
+                                           for k in ours):
+        raise ValueError(f"the VAE in {target} differs from the pipeline's (a swapped decoder?); pass "
+                         f"vae_folder_name=None to store the pipeline's own VAE inside it")
+
+
+def save_pipeline(folder: str | os.PathLike, pipe: LatentDiffusion, vae_folder_name: str | None = None,
+                  extra_files: dict | None = None) -> Path:
+    """Write `folder/` = unet/, text_encoder/ (with vocab.json), scheduler.json, pipeline.json, and vae/ unless
+    `vae_folder_name` names a VAE folder relative to `folder` (e.g. "../shapes64-vae", shared by several models);
+    `extra_files` (e.g. training.json) go in too. One atomic write: an interrupted save leaves the old pipeline whole."""
+    folder = Path(folder)
+    latent = pipe.space == "latent"
+    if latent and vae_folder_name is not None:
+        check_vae_reference(folder, vae_folder_name, pipe.vae)
+    parts = {"unet": model_files(pipe.unet, pipe.unet.config),
+             "text_encoder": text_encoder_files(pipe.text_encoder, pipe.tokenizer)}
+    if latent and vae_folder_name is None:
+        parts["vae"] = model_files(pipe.vae, pipe.vae.config.to_dict())
+    files = {f"{part}/{name}": content for part, contents in parts.items() for name, content in contents.items()}
+    files[PIPELINE_NAME] = {"vae": (vae_folder_name or "vae") if latent else None, "space": pipe.space,
+                            "guidance_scale": pipe.guidance_scale, "sampler": pipe.sampler, "steps": pipe.steps}
+    files[SCHEDULER_NAME] = pipe.schedule.to_dict()
+    return write_folder_atomically(folder, {**files, **(extra_files or {})})
+
+
+__all__ = [
+    "LatentDiffusion",
+    "guided_model_fn",
+    "guided_output",
+    "img2img_start",
+    "save_pipeline",
+]

@@ -1,0 +1,300 @@
+"""The pipeline (chapter 08): seeds, guidance, img2img, inpainting, saving and its errors, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
+from minildm.checkpoint import save_model
+from minildm.pipeline import LatentDiffusion, guided_model_fn, guided_output, img2img_start, save_pipeline
+from minildm.samplers import make_sampler
+from minildm.schedule import NoiseSchedule
+from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer, save_text_encoder
+from minildm.unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = 16                      # images 16x16 -> latents 4x8x8 (VAE f = 2), which the U-Net halves once
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                           scale_factor=0.5)).eval()
+
+
+def tiny_pipe(seed: int = 0, **defaults) -> LatentDiffusion:
+    tokenizer = Tokenizer()
+    vae = tiny_vae(seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet(UNetConfig(block_channels=(32, 64), attention_levels=(False, True), heads=2, context_dim=32,
+                           norm_groups=8, layers_per_block=1, num_timesteps=100))
+    text_encoder = TextEncoder(TextEncoderConfig(vocab_size=tokenizer.vocab_size, dim=32, depth=1, heads=2))
+    schedule = NoiseSchedule(num_timesteps=100)
+    return LatentDiffusion(vae, unet, text_encoder, tokenizer, schedule, device="cpu",
+                           **{"guidance_scale": 3.0, "steps": 4, **defaults})
+
+
+@pytest.fixture(scope="module")
+def pipe() -> LatentDiffusion:
+    return tiny_pipe()
+
+
+def images(batch: int = 1, seed: int = 3) -> torch.Tensor:
+    return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def generate(pipe, **kwargs):
+    return pipe.text_to_image(["a red circle", "a large blue square"], height=SIZE, width=SIZE, **kwargs)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_the_same_seed_gives_bit_identical_images_and_another_seed_different_ones(pipe, sampler):
+    first, again, other = (generate(pipe, seed=s, sampler=sampler) for s in (7, 7, 8))
+    assert first.shape == (2, 3, SIZE, SIZE) and first.dtype == torch.float32 and first.device.type == "cpu"
+    assert first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, again), f"seed 7 twice differs by {max_error(first, again):.2e}"
+    assert max_error(first, other) > 1e-3, "seeds 7 and 8 gave the same images"
+
+
+# ------------------------------------------------------------------------------------------- guidance
+
+
+def test_guided_output_at_w_one_is_the_prompt_and_at_w_zero_the_empty_prompt():
+    uncond, cond = torch.randn(2, 2, 4, 8, 8, dtype=torch.float64)
+    assert max_error(guided_output(uncond, cond, 1.0), cond) < 1e-12
+    assert torch.equal(guided_output(uncond, cond, 0.0), uncond)
+    assert max_error(guided_output(uncond, cond, 3.0), 3 * cond - 2 * uncond) < 1e-12
+
+
+def test_the_doubled_batch_model_fn_equals_two_separate_calls(pipe):
+    context = pipe.text_encoder.encode_prompts(pipe.tokenizer, ["a red circle", "a green triangle"])
+    uncond = pipe.text_encoder.encode_prompts(pipe.tokenizer, ["", ""])
+    zt, t = torch.randn(2, 4, 8, 8), torch.tensor([90.0, 40.0])
+    with torch.no_grad():
+        separate = [pipe.unet(zt, t, c) for c in (uncond, context)]
+        for w in (0.0, 1.0, 4.0):
+            got = guided_model_fn(pipe.unet, context, uncond, w)(zt, t)
+            want = guided_output(*separate, w)
+            assert max_error(got, want) < 1e-5, f"w = {w}: doubled batch differs by {max_error(got, want):.2e}"
+
+
+def test_the_empty_prompt_tokenizes_to_bos_and_eos():
+    ids = Tokenizer().encode("").ids
+    assert ids[0, :3].tolist() == [1, 2, 0]
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("task", ["text", "img2img", "inpaint"])
+def test_the_callback_sees_every_step_exactly_once_in_order(pipe, task):
+    seen = []
+    if task == "text":
+        pipe.text_to_image("a red circle", height=SIZE, width=SIZE, steps=5, callback=seen.append)
+        expected = range(5)
+    elif task == "img2img":
+        pipe.image_to_image(images(), "a red circle", strength=0.6, steps=5, callback=seen.append)
+        expected = range(2, 5)                                       # int(5 * 0.6) = 3 steps left
+    else:
+        mask = torch.zeros(SIZE, SIZE)
+        mask[:, :8] = 1
+        pipe.inpaint(images(), mask, "a red circle", steps=5, callback=seen.append)
+        expected = range(5)
+    sampler = make_sampler("ddim", pipe.schedule, 5)
+    assert [s.index for s in seen] == list(expected)
+    assert [s.t for s in seen] == [float(sampler.timesteps[i]) for i in expected]
+    assert pipe.decode_latents(seen[-1].z0_hat).shape == (1, 3, SIZE, SIZE)
+
+
+def test_img2img_start_begins_at_start_index_with_z0_noised_to_that_level():
+    schedule = NoiseSchedule(num_timesteps=100)
+    sampler = make_sampler("ddim", schedule, 10)
+    z0, noise = torch.randn(2, 1, 4, 8, 8, dtype=torch.float64)
+    start, z = img2img_start(sampler, z0, noise, 0.35)
+    assert start == sampler.start_index(0.35) == 7
+    ab = float(schedule.alpha_bar[int(sampler.timesteps[start])])
+    assert torch.allclose(z, math.sqrt(ab) * z0 + math.sqrt(1 - ab) * noise, atol=1e-12)
+    assert img2img_start(sampler, z0, noise, 0.0)[0] == len(sampler.timesteps)     # nothing left to run
+    assert torch.equal(img2img_start(sampler, z0, noise, 0.0)[1], z0)
+    assert img2img_start(sampler, z0, noise, 1.0) == (0, pytest.approx(noise))    # pure noise: the image is ignored
+    assert torch.equal(img2img_start(sampler, z0, noise, 1.0)[1], noise * sampler.init_noise_sigma)
+
+
+def test_image_to_image_at_strength_zero_is_the_vae_round_trip(pipe):
+    x = images(2)
+    got = pipe.image_to_image(x, "a red circle", strength=0.0)
+    with torch.no_grad():
+        want = pipe.vae.decode(pipe.vae.encode(x).mean).clamp(-1, 1)
+    assert max_error(got, want) < 1e-5
+
+
+def test_image_to_image_at_strength_one_is_text_to_image_with_the_same_seed(pipe):
+    got = pipe.image_to_image(images(), "a red circle", strength=1.0, seed=5)
+    want = pipe.text_to_image("a red circle", height=SIZE, width=SIZE, seed=5)
+    assert torch.equal(got, want)
+
+
+def test_inpaint_keeps_the_unmasked_latent_exactly_and_repaints_the_rest(pipe):
+    x = images()
+    mask = torch.zeros(SIZE, SIZE)
+    mask[4:12, 4:12] = 1                                             # latent cells 2..5 of 8 repainted
+    z = pipe.inpaint(x, mask, "a red circle", output_type="latents")
+    known = pipe.encode_images(x)
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[2:6, 2:6] = False
+    assert torch.equal(z[..., keep], known[..., keep])
+    assert max_error(z[..., ~keep], known[..., ~keep]) > 1e-2
+    pasted = pipe.inpaint(x, mask, "a red circle", keep_pixels=True)
+    assert torch.equal(pasted[..., mask == 0], x[..., mask == 0])
+    assert torch.equal(pipe.inpaint(x, mask[None, None], "a red circle", output_type="latents"), z)   # (B, 1, H, W)
+
+
+class PixelSpace(nn.Module):
+    """The identity autoencoder of pixel-space diffusion, as small as the pipeline needs it."""
+
+    config = SimpleNamespace(downsampling_factor=1, latent_channels=3)
+
+    def encode(self, x):
+        return SimpleNamespace(mean=x)
+
+    def decode(self, z):
+        return z
+
+    def to_z0(self, x):
+        return x
+
+    def from_z0(self, z0):
+        return z0
+
+
+def test_a_pixel_space_pipeline_runs_saves_and_loads_with_its_identity_autoencoder(pipe, tmp_path):
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, block_channels=(32, 64), attention_levels=(False, True),
+                           heads=2, context_dim=32, norm_groups=8, layers_per_block=1, num_timesteps=100))
+    pixels = LatentDiffusion(PixelSpace(), unet, pipe.text_encoder, pipe.tokenizer, pipe.schedule, steps=3)
+    x = pixels.text_to_image("a red circle", height=8, width=8)
+    assert x.shape == (1, 3, 8, 8) and pixels.space == "pixel"
+    save_pipeline(tmp_path / "pixel-ldm", pixels)
+    assert json.loads((tmp_path / "pixel-ldm" / "pipeline.json").read_text())["space"] == "pixel"
+    with pytest.raises(ValueError, match="pass the identity autoencoder"):
+        LatentDiffusion.from_folder(tmp_path / "pixel-ldm", device="cpu")
+    loaded = LatentDiffusion.from_folder(tmp_path / "pixel-ldm", device="cpu", vae=PixelSpace())
+    assert torch.equal(loaded.text_to_image("a red circle", height=8, width=8), x)
+    with pytest.raises(ValueError, match="no VAE decoder to swap"):
+        pixels.swap_vae_decoder(tmp_path / "decoder.safetensors")
+
+
+# ------------------------------------------------------------------------------------- saving, loading
+
+
+def test_a_saved_pipeline_loads_back_to_identical_images(pipe, tmp_path):
+    save_pipeline(tmp_path / "ldm", pipe)
+    assert {p.name for p in (tmp_path / "ldm").iterdir()} == {"unet", "text_encoder", "vae", "pipeline.json",
+                                                              "scheduler.json"}
+    loaded = LatentDiffusion.from_folder(tmp_path / "ldm", device="cpu")
+    assert (loaded.guidance_scale, loaded.sampler, loaded.steps) == (3.0, "ddim", 4)
+    assert torch.equal(generate(loaded), generate(pipe))
+
+
+def test_a_pipeline_can_point_to_a_vae_folder_beside_it(pipe, tmp_path):
+    save_model(tmp_path / "shared-vae", pipe.vae, pipe.vae.config.to_dict())
+    save_pipeline(tmp_path / "ldm", pipe, vae_folder_name="../shared-vae")
+    assert not (tmp_path / "ldm" / "vae").exists()
+    assert json.loads((tmp_path / "ldm" / "pipeline.json").read_text())["vae"] == "../shared-vae"
+    save_pipeline(tmp_path / "ldm", pipe, vae_folder_name="../shared-vae")          # overwriting works too
+    assert torch.equal(generate(LatentDiffusion.from_folder(tmp_path / "ldm", device="cpu")), generate(pipe))
+    save_model(tmp_path / "other-vae", tiny_vae(9), pipe.vae.config.to_dict())
+    with pytest.raises(ValueError, match="differs from the pipeline's"):
+        save_pipeline(tmp_path / "ldm2", pipe, vae_folder_name="../other-vae")
+
+
+def test_a_folder_whose_parts_do_not_fit_is_a_one_line_error_naming_the_files(pipe, tmp_path):
+    save_pipeline(tmp_path / "ldm", pipe)
+    wide = TextEncoder(TextEncoderConfig(vocab_size=pipe.tokenizer.vocab_size, dim=64, depth=1, heads=2))
+    save_text_encoder(tmp_path / "ldm" / "text_encoder", wide, pipe.tokenizer)
+    with pytest.raises(ValueError, match="unet/config.json reads a context of width 32 but text_encoder/config.json "
+                                         "makes 64") as err:
+        LatentDiffusion.from_folder(tmp_path / "ldm", device="cpu")
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+        LatentDiffusion.from_folder(tmp_path / "nowhere")
+    (tmp_path / "ldm" / "pipeline.json").write_text(json.dumps({"vae": "../missing", "space": "latent"}))
+    with pytest.raises(FileNotFoundError, match="points to the VAE folder"):
+        LatentDiffusion.from_folder(tmp_path / "ldm")
+
+
+def test_swapping_the_vae_decoder_changes_the_images_and_a_wrong_file_is_refused(tmp_path):
+    pipe = tiny_pipe()
+    before = generate(pipe)
+    save_decoder_file(tiny_vae(seed=5), tmp_path / "decoder.safetensors")
+    pipe.swap_vae_decoder(tmp_path / "decoder.safetensors")
+    assert max_error(generate(pipe), before) > 1e-3
+    save_pipeline(tmp_path / "ldm", pipe)
+    with pytest.raises(ValueError, match="not a minildm VAE decoder file"):
+        pipe.swap_vae_decoder(tmp_path / "ldm" / "unet" / "model.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="not a readable VAE file"):
+        pipe.swap_vae_decoder(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="no such VAE file"):
+        pipe.swap_vae_decoder(tmp_path / "absent.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def mask_with(value: float) -> torch.Tensor:
+    mask = torch.zeros(SIZE, SIZE)
+    mask[0, 0] = value
+    return mask
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.text_to_image([]), "empty list"),
+    (lambda p: p.text_to_image("a purple dog and a cat"), r"unknown words 'cat', 'dog'.*e\.g\. "),
+    (lambda p: p.text_to_image("a red circle", height=21, width=SIZE), "not a multiple of 4.*use 20x16"),
+    (lambda p: p.text_to_image("a red circle", guidance_scale=-1.0), "guidance_scale must be >= 0"),
+    (lambda p: p.text_to_image("a red circle", steps=0), "steps must be a whole number of at least 1"),
+    (lambda p: p.text_to_image("a red circle", sampler="dpm"), "unknown sampler"),
+    (lambda p: p.text_to_image("a red circle", output_type="pil"), "output_type must be one of"),
+    (lambda p: p.text_to_image("a red circle", negative_prompt=["", ""]), "2 negative prompts for 1"),
+    (lambda p: p.image_to_image(images(), "a red circle", strength=1.5), r"strength must be in \[0, 1\]"),
+    (lambda p: p.image_to_image(images()[:, :1], "a red circle"), r"image must be a \(3, H, W\)"),
+    (lambda p: p.image_to_image((images() + 1) * 127.5, "a red circle"), r"in \[-1, 1\], got .*x / 127.5 - 1"),
+    (lambda p: p.image_to_image(images()[..., :14], "a red circle"), "not a multiple of 4"),
+    (lambda p: p.image_to_image(images(3), ["a red circle", "a blue square"]), "3 images for 2 prompts"),
+    (lambda p: p.inpaint(images(), torch.zeros(8, 8), "a red circle"), r"mask must be \(16, 16\) or \(1, 1, 16, 16\)"),
+    (lambda p: p.inpaint(images(), mask_with(0.5), "a red circle"), "only 0 .keep. and 1 .repaint."),
+    (lambda p: p.inpaint(images(), mask_with(1.0), "a red circle", strength=-0.1), r"strength must be in \[0, 1\]"),
+])
+def test_bad_input_is_a_one_line_value_error_that_says_what_to_do(pipe, call, message):
+    with pytest.raises(ValueError, match=message) as err:
+        call(pipe)
+    assert "\n" not in str(err.value)
+
+
+def test_parts_that_do_not_fit_are_refused_when_the_pipeline_is_built(pipe):
+    wide = TextEncoder(TextEncoderConfig(vocab_size=pipe.tokenizer.vocab_size, dim=64, depth=1, heads=2))
+    with pytest.raises(ValueError, match="the U-Net reads a context of width 32 but the text encoder makes 64"):
+        LatentDiffusion(pipe.vae, pipe.unet, wide, pipe.tokenizer, pipe.schedule)
+
+
+def test_loading_the_shipped_pipeline_before_it_is_trained_says_how_to_get_it():
+    from minildm.pretrained import PIPELINES, load_pipeline
+    if (PIPELINES["shapes64"] / "pipeline.json").is_file():
+        pytest.skip("the shipped pipeline exists")
+    with pytest.raises(FileNotFoundError, match="shipped weights are missing"):
+        load_pipeline()

@@ -1,0 +1,259 @@
+"""Training the latent diffusion model: the loss, caption dropout, EMA, exact resume, the stops, and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minildm.schedule import NoiseSchedule
+from minildm.train_ldm import (
+    CHECKPOINT,
+    EMA,
+    LDMTrainConfig,
+    LDMTrainer,
+    autocast_dtype,
+    diffusion_loss,
+    export_pipeline,
+    model_configs,
+    training_target,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(channels="16,32", norm_groups=8, heads=2, text_dim=32, text_depth=1)
+
+
+def tiny_config(**changes) -> LDMTrainConfig:
+    values = dict(steps=6, batch_size=8, num_train_images=64, warmup_steps=2, save_every=3, sample_every=0,
+                  log_every=1, lr=1e-3)
+    return LDMTrainConfig(**{**values, **changes})
+
+
+def trainer(tmp_path, name="run", resume=False, **changes) -> LDMTrainer:
+    cfg = tiny_config(**changes)
+    return LDMTrainer(cfg, tmp_path / name, model_configs(cfg.space, prediction_type=cfg.prediction_type, **TINY),
+                      resume=resume, progress=False)
+
+
+def weights(folder) -> dict:
+    return load_file(str(folder / CHECKPOINT / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst == 0.0, f"weights differ by up to {worst:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+class KnowsTheNoise(torch.nn.Module):
+    """A denoiser that inverts z_t exactly, given the z_0 it was built around: its loss must be 0."""
+
+    def __init__(self, schedule, z0):
+        super().__init__()
+        self.schedule, self.z0 = schedule, z0
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, zt, t, ids):
+        a = self.schedule.alpha_bar[t].view(-1, 1, 1, 1).to(zt)
+        eps = (zt - a.sqrt() * self.z0) / (1 - a).sqrt()
+        kind = self.schedule.prediction_type
+        out = {"epsilon": eps, "sample": self.z0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * self.z0}[kind]
+        return out * self.scale
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_a_denoiser_that_knows_the_answer_has_zero_loss_and_a_wrong_scale_does_not(prediction):
+    schedule = NoiseSchedule(prediction_type=prediction)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 250, 500, 750, 999])
+    model = KnowsTheNoise(schedule, z0)
+    assert diffusion_loss(model, schedule, z0, t, noise, None).item() < 1e-10
+    with torch.no_grad():
+        model.scale.fill_(1.5)                        # output 1.5 x target: loss = 0.25 * mean(target^2)
+    target = training_target(schedule, z0, noise, t)
+    loss = diffusion_loss(model, schedule, z0, t, noise, None)
+    torch.testing.assert_close(loss, 0.25 * target.pow(2).mean(), rtol=1e-4, atol=0)
+    loss.backward()
+    assert model.scale.grad is not None and model.scale.grad.item() > 0
+
+
+def test_the_v_target_is_sqrt_ab_eps_minus_sqrt_one_minus_ab_z0():
+    schedule = NoiseSchedule(prediction_type="v_prediction")
+    z0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([5, 500, 995])
+    ab = schedule.alpha_bar[t].view(-1, 1, 1, 1).float()
+    torch.testing.assert_close(training_target(schedule, z0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * z0)
+
+
+def test_autocast_is_off_on_the_cpu_by_default_and_bad_names_are_refused():
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="fp32"):
+        autocast_dtype(torch.device("cpu"), "half")
+
+
+def test_ema_follows_the_ramped_decay():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = EMA(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=0)                         # d = min(0.9, 1 / 10) = 0.1
+    torch.testing.assert_close(ema.shadow["weight"], 0.1 * start + 0.9 * (start + 1))
+    ema.update(model, step=1000)                      # d = 0.9
+    expected = 0.9 * (0.1 * start + 0.9 * (start + 1)) + 0.1 * (start + 1)
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+
+
+# ---------------------------------------------------------------------------------------------- the batch
+
+def test_caption_dropout_replaces_about_the_asked_share_with_the_empty_prompt(tmp_path):
+    run = trainer(tmp_path, caption_dropout=0.3, batch_size=64)
+    empty = run.tokenizer.encode("").ids[0]
+    dropped = sum(int((run.batch(step)[1] == empty).all(dim=1).sum()) for step in range(20))
+    share = dropped / (20 * 64)
+    assert 0.25 < share < 0.35, f"{share:.3f} of captions were dropped, asked for 0.3"
+
+
+def test_a_batch_is_a_pure_function_of_seed_and_step(tmp_path):
+    a, b = trainer(tmp_path, "a"), trainer(tmp_path, "b")
+    for x, y in zip(a.batch(5), b.batch(5)):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.batch(5)[0], a.batch(6)[0])
+
+
+def test_latents_are_cached_once_and_have_about_unit_variance(tmp_path):
+    run = trainer(tmp_path, num_train_images=128)
+    assert (tmp_path / "run" / "latents.safetensors").is_file()
+    z0 = torch.cat([run.batch(step)[0] for step in range(8)])
+    assert z0.shape[1:] == (4, 8, 8)
+    assert 0.7 < z0.std().item() < 1.3, f"z_0 has std {z0.std().item():.3f}; the scale factor should make it ~1"
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def test_training_lowers_the_loss(tmp_path):
+    run = trainer(tmp_path, steps=40, warmup_steps=5, log_every=10, save_every=100)
+    run.run()
+    losses = [r["loss"] for r in run.history]
+    assert losses[-1] < 0.8 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_stopping_and_resuming_gives_the_same_weights_as_never_stopping(tmp_path):
+    straight = trainer(tmp_path, "straight")
+    straight.run()
+    first = trainer(tmp_path, "resumed")
+    assert first.run(stop_after=4)["stopped_early"]
+    summary = trainer(tmp_path, "resumed", resume=True).run()
+    assert summary["steps"] == 6 and "stopped_early" not in summary
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    ema_a = load_file(str(tmp_path / "straight" / CHECKPOINT / "ema.safetensors"))
+    ema_b = load_file(str(tmp_path / "resumed" / CHECKPOINT / "ema.safetensors"))
+    assert_same_weights(ema_a, ema_b)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    straight = trainer(tmp_path, "straight")
+    straight.run()
+    run = trainer(tmp_path, "interrupted")
+    original = run.train_step
+
+    def step_then_ctrl_c():
+        record = original()
+        if run.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)        # what Ctrl-C sends; the loop must finish this step and save
+        return record
+
+    run.train_step = step_then_ctrl_c
+    summary = run.run()
+    assert summary["interrupted"] and summary["steps"] == 2
+    trainer(tmp_path, "interrupted", resume=True).run()
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "interrupted"))
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    run = trainer(tmp_path)
+    run.run(stop_after=3)                             # a checkpoint at step 3
+    saved = weights(tmp_path / "run")
+    run.z_source[:] = float("nan")                     # the cached latents go bad
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        run.run()
+    assert json.loads((tmp_path / "run" / CHECKPOINT / "trainer.json").read_text())["step"] == 3
+    assert_same_weights(saved, weights(tmp_path / "run"))
+
+
+def test_pixel_space_trains_the_same_recipe_on_3x64x64(tmp_path):
+    run = trainer(tmp_path, space="pixel", num_train_images=16, batch_size=2, steps=1)
+    z0 = run.batch(0)[0]
+    assert z0.shape == (2, 3, 64, 64) and z0.min() >= -1 and z0.max() <= 1
+    run.run()
+
+
+def test_the_export_is_a_pipeline_with_the_ema_weights(tmp_path):
+    from minildm.pipeline import LatentDiffusion
+
+    run = trainer(tmp_path)
+    run.run()
+    export_pipeline(tmp_path / "run", tmp_path / "pipe", {"note": "test"})
+    pipe = LatentDiffusion.from_folder(tmp_path / "pipe")
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, run.ema.shadow[f"unet.{name}"].to(value.dtype)), name
+    record = json.loads((tmp_path / "pipe" / "training.json").read_text())
+    assert record["note"] == "test" and record["history"]
+    images = pipe.text_to_image(["a small red circle at the top left"], steps=2, seed=0)
+    assert images.shape == (1, 3, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_a_used_folder_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
+    trainer(tmp_path).run(stop_after=3)
+    with pytest.raises(FileExistsError, match="--resume"):
+        trainer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        trainer(tmp_path, "fresh", resume=True)
+    with pytest.raises(ValueError, match="lr"):
+        trainer(tmp_path, resume=True, lr=5e-3)
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="space"):
+        trainer(tmp_path, space="voxels")
+    with pytest.raises(ValueError, match="caption_dropout"):
+        trainer(tmp_path, caption_dropout=1.0)
+    with pytest.raises(ValueError, match="comma-separated"):
+        model_configs(channels="64;128")
+    with pytest.raises(ValueError, match="--attention"):
+        model_configs(channels="64,128", attention="1")
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes_keeps_replicas_identical_and_lowers_the_loss(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "minildm", "train-ldm", "--out", str(out), "--steps", "40", "--batch-size", "8",
+               "--num-images", "64", "--warmup-steps", "5", "--save-every", "20", "--sample-every", "0", "--log-every", "1",
+               "--channels", "16,32", "--norm-groups", "8", "--heads", "2", "--text-dim", "32", "--text-depth", "1",
+               "--threads", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trainer_json = json.loads((out / CHECKPOINT / "trainer.json").read_text())
+    summary = trainer_json["summary"]
+    assert summary["world_size"] == 2 and summary["steps"] == 40
+    assert summary["replicas_identical"], "the two ranks ended with different weights"
+    losses = [r["loss"] for r in trainer_json["history"]]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, f"loss went {first:.3f} -> {last:.3f}"
+    assert done.stdout.count('"replicas_identical"') == 1, "only rank 0 prints the summary"
