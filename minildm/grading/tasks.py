@@ -107,6 +107,23 @@ TASKS: dict[str, Task] = {t.id: t for t in [
          "ODE's slope is (x - z0_hat) / sigma, move x by the slope times (sigma_next - sigma) and return "
          "(x_next, z0_hat)",
          "Euler: one step of the ODE"),
+    Task("ch06.training_loss", "the training loss of one step",
+         "build z_t from the clean latents with schedule.q_sample and the noise you are given (draw none of your "
+         "own), ask the denoiser about (z_t, t, ids), and take the mean over the batch and every element of the "
+         "squared difference to training_target (eps, z_0 or v, as schedule.prediction_type says); compute it in "
+         "float32 even when the model answers in bfloat16 or float16, and keep the graph so gradients reach the "
+         "denoiser: one scalar",
+         "The training step, in one line of math"),
+    Task("ch08.cfg_combine", "classifier-free guidance",
+         "start from the empty prompt's answer and move w times the step from it to the prompt's answer: w = 0 gives "
+         "uncond, w = 1 gives cond, w > 1 goes past cond; elementwise, in the inputs' dtype",
+         "Classifier-free guidance"),
+    Task("ch08.img2img_start", "where image to image starts",
+         "strength 1: evaluation 0 and the given noise times sampler.init_noise_sigma, as with no image; otherwise "
+         "start at sampler.start_index(strength) (it skips the first (1 - strength) of the steps and refuses what "
+         "the sampler cannot do); if no evaluation is left there, return that index and a copy of z_0, else z_0 "
+         "noised to evaluation start's level with sampler.add_noise and the given noise (draw none of your own)",
+         "Image to image: starting part-way"),
 ]}
 
 

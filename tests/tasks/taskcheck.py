@@ -85,3 +85,14 @@ def forbid(monkeypatch, task: str, *targets: str) -> None:
             for bound, value in list(vars(module).items()):
                 if value is original:
                     monkeypatch.setattr(module, bound, refuse)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine torch's threads wait for each other (a
+    20 ms forward becomes 400 ms): a module that asks for this runs on one thread, and the setting is given back.
+    It lives here because `minildm grade` copies only tests/tasks; tests/conftest.py imports it for the rest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
