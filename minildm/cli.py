@@ -16,6 +16,12 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:N or mps")
 
 
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these models are small, and on a busy CPU more threads wait for "
+                        "each other; 0: torch's choice)")
+
+
 def prepare_output_folder(out: Path) -> None:
     """The demo writes only into a folder that is new, empty, or an earlier demo's: it never overwrites your files."""
     if out.exists() and not out.is_dir():
@@ -26,16 +32,107 @@ def prepare_output_folder(out: Path) -> None:
     (out / DEMO_MARKER).write_text("written by `minildm demo`; safe to delete\n")
 
 
+def set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's choice) or more, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def cmd_demo(args) -> int:
     from minildm.demo import run_demo
 
+    if args.train and args.pipeline:
+        raise ValueError("--train makes its own pipeline (in OUT/pipeline); drop --pipeline or --train")
+    if args.pipeline and not Path(args.pipeline).is_dir():
+        raise FileNotFoundError(f"--pipeline {args.pipeline}: no such folder; give a folder written by save_pipeline "
+                                f"or `minildm train-ldm --export`")
     out = Path(args.out)
     prepare_output_folder(out)
+    set_threads(args.threads)
     start = time.time()
-    written = run_demo(out, device=args.device, seed=args.seed)
+    written = run_demo(out, device=args.device, seed=args.seed, pipeline=args.pipeline, train=args.train)
     print(f"minildm demo: wrote {len(written)} files to {out}/ in {time.time() - start:.1f} s")
     for path, what in written:
         print(f"  {path}  {what}")
+    return 0
+
+
+def read_pixels(path: str, size: int, mode: str, what: str):
+    """An image file -> (size, size[, 3]) uint8 array in Pillow's `mode`; another size is an error, not a resize."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what} {path}: Pillow cannot read it as an image ({err}); give a PNG file") from None
+    if image.size != (size, size):
+        raise ValueError(f"{what} {path} is {image.width}x{image.height} but this model draws {size}x{size} images; "
+                         f"resize it to {size}x{size} first (e.g. with Pillow's Image.resize)")
+    return np.array(image)                                  # a writable copy, for torch.from_numpy
+
+
+def read_image(path: str, size: int):
+    """An RGB image file -> (1, 3, size, size) in [-1, 1]."""
+    from minildm.data import to_tensor
+
+    return to_tensor(read_pixels(path, size, "RGB", "--init-image"))[None]
+
+
+def read_mask(path: str, size: int):
+    """A black-and-white image file -> (size, size) of 0 (black: keep) and 1 (white: repaint)."""
+    import numpy as np
+    import torch
+
+    values = read_pixels(path, size, "L", "--mask")
+    grey = values[(values != 0) & (values != 255)]
+    if grey.size:
+        raise ValueError(f"--mask {path} must be pure black (keep) and white (repaint), but {grey.size} pixels are "
+                         f"grey (e.g. {int(grey[0])}); threshold it, e.g. image.point(lambda v: 255 * (v > 127))")
+    return torch.from_numpy((values == 255).astype(np.float32))
+
+
+def cmd_sample(args) -> int:
+    from minildm.demo import IMAGE_SIZE, sample_rows
+    from minildm.pipeline import LatentDiffusion
+    from minildm.pretrained import load_pipeline
+    from minildm.viz import image_grid
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the grid is written as a PNG; give a file name ending in .png")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name ending in .png")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"--out {out} already exists; choose another name, or pass --force to replace it")
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1 (images per prompt), got {args.num}")
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image: the image whose white-masked part is repainted")
+    if args.strength is not None and not args.init_image:
+        raise ValueError("--strength needs --init-image: it says how far to move away from that image (0 to 1)")
+    image = read_image(args.init_image, IMAGE_SIZE) if args.init_image else None
+    mask = read_mask(args.mask, IMAGE_SIZE) if args.mask else None
+    strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.6)
+    set_threads(args.threads)
+    start = time.time()
+    pipe = load_pipeline("shapes64", args.device) if args.pipeline is None else \
+        LatentDiffusion.from_folder(args.pipeline, args.device)
+    rows = sample_rows(pipe, args.prompt, args.num, args.seed, image, mask, strength,
+                       guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps)  # (P, num, 3, H, W)
+    grid = image_grid(rows.flatten(0, 1), nrow=args.num)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb" if args.force else "xb") as f:      # "xb": never replace a file that appeared meanwhile
+        grid.save(f, format="PNG")
+    task = "inpainting" if mask is not None else "img2img" if image is not None else "text-to-image"
+    print(f"minildm sample: wrote {out} ({task}; rows: {len(args.prompt)} prompt(s), columns: seeds {args.seed}.."
+          f"{args.seed + args.num - 1}) in {time.time() - start:.1f} s")
     return 0
 
 
@@ -130,11 +227,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minildm", description="An annotated latent diffusion model you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="load the shipped VAE and write the chapter 1-2 figures to --out")
+    demo_help = ("write the chapters' figures to --out from the shipped weights (about a minute on a laptop CPU): the "
+                 "VAE's compression, reconstructions, latents and interpolation; samples, reverse diffusion (PNG + "
+                 "GIF), a guidance sweep, img2img, inpainting and a VAE decoder swap")
+    demo = sub.add_parser("demo", help=demo_help, description=demo_help)
     demo.add_argument("--out", default="minildm-demo", help="folder for the figures (default: ./minildm-demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--pipeline", metavar="FOLDER", default=None,
+                      help="draw the sampling figures with this pipeline folder instead of the shipped one")
+    demo.add_argument("--train", action="store_true",
+                      help="do it all from scratch: train the diffusion model first (SLOW: about 15 minutes on a "
+                           "2-core CPU) into OUT/train-run, export it to OUT/pipeline and draw with it; the VAE is "
+                           "not retrained (the shipped one is reused); run it again to continue an interrupted run")
+    add_threads(demo)
     add_device(demo)
     demo.set_defaults(func=cmd_demo)
+
+    sample_help = ("draw images for prompts (or edit an image: --init-image, --mask) into one grid PNG: one row per "
+                   "prompt, one column per seed")
+    sa = sub.add_parser("sample", help=sample_help, description=sample_help)
+    sa.add_argument("--prompt", action="append", required=True,
+                    help='e.g. "a large red circle in the centre"; repeat for more rows')
+    sa.add_argument("--out", required=True, help="the grid PNG to write (never replaced unless --force)")
+    sa.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sa.add_argument("--seed", type=int, default=0, help="the first column's seed; column j uses seed + j (default 0)")
+    sa.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
+    sa.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale w (0: ignore the prompt, 1: no guidance; default: the "
+                         "pipeline's, 7.5)")
+    sa.add_argument("--sampler", default=None, help="ddpm, ddim, plms, euler, euler_a, heun or dpmpp_2m "
+                                                    "(default: the pipeline's, ddim)")
+    sa.add_argument("--steps", type=int, default=None, help="sampler steps (default: the pipeline's, 50)")
+    sa.add_argument("--pipeline", metavar="FOLDER", default=None, help="a pipeline folder (default: the shipped one)")
+    sa.add_argument("--init-image", dest="init_image", metavar="IMG",
+                    help="img2img: start from this 64x64 image (PNG, JPEG) instead of pure noise")
+    sa.add_argument("--strength", type=float, default=None,
+                    help="with --init-image: 0 keeps the image, 1 ignores it (default 0.6; 1.0 with --mask)")
+    sa.add_argument("--mask", metavar="MASK", help="inpainting: a 64x64 black-and-white image, white = repaint")
+    add_threads(sa)
+    add_device(sa)
+    sa.set_defaults(func=cmd_sample)
 
     tv = sub.add_parser("train-vae", help="train the VAE on Shapes (or --data-dir), or fine-tune a decoder")
     tv.add_argument("--out", required=True, help="training folder (checkpoints); must be new unless --resume")

@@ -1,23 +1,45 @@
 """`minildm demo`: the chapters' main claims, computed from the shipped weights and written as figures.
 
-Chapter 01-02 version: the compression numbers, reconstructions with their PSNR, the latent channels, and an
-interpolation in pixel space vs latent space with its double exposures counted. Later chapters add sampling.
+Chapters 01-02: the compression numbers, reconstructions with their PSNR, the latent channels, and an interpolation
+in pixel space vs latent space with its double exposures counted. Chapters 07-08: samples for a few prompts, one
+reverse diffusion step by step (a strip and a GIF), a guidance sweep, img2img at growing strength, inpainting, and
+a VAE decoder swap. `--train` first trains the diffusion model from scratch (the shipped VAE is reused).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from minildm import manifold, viz
-from minildm.autoencoder import AutoencoderConfig, compression_ratio, latent_shape
-from minildm.data import ShapesDataset
+from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, compression_ratio, latent_shape
+from minildm.data import COLOURS, SHAPE_KINDS, ShapesDataset
 from minildm.metrics import psnr
-from minildm.pretrained import load_vae
+from minildm.pipeline import LatentDiffusion
+from minildm.pretrained import VAES, load_pipeline, load_vae
 
 DEMO_DATA_SEED = 777  # never used for training
+IMAGE_SIZE = 64       # Shapes' size, the one the shipped pipeline was trained at
+PROMPTS = ("a large red circle in the centre", "a small blue square at the top left",
+           "a medium green triangle at the bottom right", "a large yellow diamond at the left",
+           "a small purple circle at the bottom", "a medium orange square at the top right")
+SEEDS = 4                                           # columns of samples.png
+STEPS = 25                                          # DDIM steps for every figure
+GUIDANCE_SCALES = (0.0, 1.0, 2.0, 4.0, 7.5)
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SWAP_VAE = VAES["shapes64"]                         # decoder.safetensors there was fine-tuned for this VAE's latents
+
+# --train: the shipped pipeline's recipe with fewer steps, about 15 minutes on a 2-core CPU (train_ldm.py)
+TRAIN_CONFIG = {"steps": 1200, "batch_size": 64, "lr": 1e-3, "save_every": 250, "sample_every": 0}
+TRAIN_MODELS = {"channels": "32,64", "norm_groups": 8}
+
+
+# ---------------------------------------------------------------------------------- chapters 01-02: the VAE
 
 
 def compression_table(config: AutoencoderConfig) -> list[dict]:
@@ -33,8 +55,7 @@ def compression_table(config: AutoencoderConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def run_demo(out: Path, device=None, seed: int = 0) -> list[tuple[Path, str]]:
-    vae = load_vae("shapes64", device=device)
+def vae_figures(out: Path, vae: AutoencoderKL, seed: int) -> list[tuple[Path, str]]:
     dev = next(vae.parameters()).device
     written: list[tuple[Path, str]] = []
 
@@ -68,3 +89,144 @@ def run_demo(out: Path, device=None, seed: int = 0) -> list[tuple[Path, str]]:
     written.append((path, f"interpolation a->b: {pixel_ghosts}/8 frames are double exposures in pixel space, "
                           f"{latent_ghosts}/8 in latent space"))
     return written
+
+
+# ------------------------------------------------------------------------------ chapters 07-08: sampling
+
+
+def sample_rows(pipe: LatentDiffusion, prompts, num: int, seed: int = 0, image: Tensor | None = None,
+                mask: Tensor | None = None, strength: float = 1.0, output_type: str = "images", **options) -> Tensor:
+    """(P, num, ...): column j draws every prompt at once with seed + j, from noise (or from `image`: img2img, or
+    inpainting with `mask`). `minildm sample` with the demo's prompts and --steps 25 redraws samples.png."""
+    columns = []
+    for j in range(num):
+        kw = {"seed": seed + j, "output_type": output_type, **options}
+        if mask is not None:
+            columns.append(pipe.inpaint(image, mask, prompts, strength=strength, **kw))
+        elif image is not None:
+            columns.append(pipe.image_to_image(image, prompts, strength=strength, **kw))
+        else:
+            columns.append(pipe.text_to_image(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, **kw))
+    return torch.stack(columns, dim=1)
+
+
+def recoloured(factors: dict) -> tuple[str, str]:
+    """(caption, another caption): the same size and place, with the next colour and the next kind of shape."""
+    obj = factors["objects"][0]
+    colours = list(COLOURS)
+    other = dataclasses.replace(obj, colour=colours[(colours.index(obj.colour) + 1) % len(colours)],
+                                kind=SHAPE_KINDS[(SHAPE_KINDS.index(obj.kind) + 1) % len(SHAPE_KINDS)])
+    return obj.describe(), other.describe()
+
+
+def box_mask(factors: dict, size: int) -> Tensor:
+    """(1, size, size): 1 (repaint) on the square around the object, 0 (keep) elsewhere."""
+    obj, mask = factors["objects"][0], torch.zeros(1, size, size)
+    r, cx, cy = obj.size * size, obj.x * size, obj.y * size
+    mask[:, max(0, int(cy - r)): int(cy + r) + 1, max(0, int(cx - r)): int(cx + r) + 1] = 1
+    return mask
+
+
+def held_out(count: int, seed: int) -> tuple[Tensor, list[dict]]:
+    data = ShapesDataset(count, seed=DEMO_DATA_SEED + 2 + seed, image_size=IMAGE_SIZE)
+    return data.images(), [data.factors(i) for i in range(count)]
+
+
+def decoder_file_fits(pipe: LatentDiffusion, vae_folder: Path) -> bool:
+    """The decoder file in `vae_folder` was fine-tuned on that VAE's latents: swap it only into the same VAE."""
+    config = json.loads((vae_folder / "config.json").read_text())
+    return pipe.space == "latent" and pipe.vae.config == AutoencoderConfig.from_dict(config)
+
+
+@torch.no_grad()
+def diffusion_figures(out: Path, pipe: LatentDiffusion, seed: int) -> list[tuple[Path, str]]:
+    written: list[tuple[Path, str]] = []
+    z0 = sample_rows(pipe, PROMPTS, SEEDS, seed, output_type="latents", steps=STEPS)      # (P, SEEDS, C, h, w)
+    samples = pipe.decode_latents(z0.flatten(0, 1)).unflatten(0, z0.shape[:2])          # (P, SEEDS, 3, H, W)
+    path = viz.show_rows(list(samples), list(PROMPTS), [f"seed {seed + j}" for j in range(SEEDS)],
+                         out / "samples.png", wrap=22)
+    written.append((path, f"{len(PROMPTS)} prompts x {SEEDS} seeds, DDIM {STEPS} steps, guidance "
+                          f"{pipe.guidance_scale:g}"))
+
+    # reverse diffusion: what the sampler holds (z_t) and what the model predicts the end to be (z0_hat), each step
+    steps = []
+    pipe.text_to_image(PROMPTS[0], steps=STEPS, seed=seed, callback=steps.append)
+    zt = pipe.decode_latents(torch.cat([s.zt for s in steps]))                          # (STEPS, 3, H, W)
+    z0_hat = pipe.decode_latents(torch.cat([s.z0_hat for s in steps]))                  # (STEPS, 3, H, W)
+    timesteps = [s.t for s in steps]
+    path = viz.reverse_diffusion_strip(zt, z0_hat, timesteps, out / "reverse_diffusion.png")
+    written.append((path, f'"{PROMPTS[0]}": decoded z_t and z0_hat at 10 of the {STEPS} steps'))
+    path = viz.save_gif(viz.reverse_diffusion_frames(zt, z0_hat, timesteps), out / "reverse_diffusion.gif")
+    written.append((path, f"the same, all {STEPS} steps as an animation (z_t | z0_hat)"))
+
+    sweep = torch.cat([pipe.text_to_image(PROMPTS[3], guidance_scale=w, steps=STEPS, seed=seed)
+                       for w in GUIDANCE_SCALES])
+    path = viz.show_rows([sweep], [PROMPTS[3]], [f"w = {w:g}" for w in GUIDANCE_SCALES], out / "guidance_sweep.png",
+                         wrap=22)
+    written.append((path, f"guidance scale w = {', '.join(f'{w:g}' for w in GUIDANCE_SCALES)}: 0 ignores the "
+                          f"prompt, 1 is the prompt alone, more follows it harder"))
+
+    images, factors = held_out(4, seed)
+    before, after = recoloured(factors[0])
+    edits = torch.cat([pipe.image_to_image(images[:1], after, strength=s, steps=STEPS, seed=seed) for s in STRENGTHS])
+    path = viz.show_rows([torch.cat([images[:1], edits])], [after],
+                         ["original"] + [f"strength {s:g}" for s in STRENGTHS], out / "img2img_strength.png", wrap=22)
+    written.append((path, f'img2img: a held-out "{before}" redrawn as "{after}" at strengths '
+                          f"{', '.join(f'{s:g}' for s in STRENGTHS)}"))
+
+    masks = torch.stack([box_mask(f, IMAGE_SIZE) for f in factors[1:]])                 # (3, 1, H, W)
+    prompts = [recoloured(f)[1] for f in factors[1:]]
+    repainted = pipe.inpaint(images[1:], masks, prompts, steps=STEPS, seed=seed)
+    rows = [torch.stack(row) for row in zip(images[1:], masks.expand(-1, 3, -1, -1) * 2 - 1, repainted)]
+    path = viz.show_rows(rows, prompts, ["image", "mask\n(white: repaint)", "inpainted"], out / "inpainting.png",
+                         wrap=22)
+    written.append((path, "inpainting: the box around each held-out shape repainted to the prompt, the rest kept"))
+
+    if decoder_file_fits(pipe, SWAP_VAE):
+        swapped = copy.copy(pipe)
+        swapped.vae = copy.deepcopy(pipe.vae)
+        swapped.swap_vae_decoder(SWAP_VAE / "decoder.safetensors")
+        path = viz.show_rows([samples[:, 0], swapped.decode_latents(z0[:, 0])],
+                             ["original\ndecoder", "fine-tuned\ndecoder"], None, out / "vae_swap.png")
+        written.append((path, "the same latents through the original decoder and through decoder.safetensors "
+                              "(swap_vae_decoder)"))
+    return written
+
+
+# ------------------------------------------------------------------------------------------- the demo
+
+
+def train_pipeline(out: Path, device=None) -> Path:
+    """--train: the diffusion model from scratch into out/train-run (resumed if it is there), exported to
+    out/pipeline. The VAE is not retrained: training encodes Shapes with the shipped one."""
+    from minildm.train_ldm import LDMTrainConfig, LDMTrainer, export_pipeline, model_configs
+
+    cfg = LDMTrainConfig(**TRAIN_CONFIG)
+    run = out / "train-run"
+    print(f"training the diffusion model from scratch: {cfg.steps} steps into {run} (about 15 minutes on a 2-core "
+          f"CPU; the shipped VAE is reused, not retrained; interrupted? run the same command to continue)")
+    resume = (run / "checkpoint").is_dir()
+    trainer = LDMTrainer(cfg, run, model_configs(**TRAIN_MODELS), resume=resume, device=device)
+    summary = trainer.run()
+    if summary.get("stopped_early"):
+        raise SystemExit(f"training stopped at step {summary['steps']} of {cfg.steps}; run the same command again to "
+                         f"continue it")
+    notes = {"command": "minildm demo --train", "seed": cfg.seed, "data_seed": cfg.data_seed,
+             "torch_threads": torch.get_num_threads(), **summary}
+    return export_pipeline(run, out / "pipeline", notes)
+
+
+def run_demo(out: Path, device=None, seed: int = 0, pipeline: LatentDiffusion | str | Path | None = None,
+             train: bool = False) -> list[tuple[Path, str]]:
+    """Write every figure into `out`; returns [(path, what it shows)]. `pipeline`: a LatentDiffusion or a pipeline
+    folder (default: the shipped shapes64); `train=True` trains one first (see train_pipeline)."""
+    out = Path(out)
+    if train:
+        pipeline = train_pipeline(out, device)
+    if isinstance(pipeline, LatentDiffusion):
+        pipe = pipeline
+    else:
+        pipe = load_pipeline("shapes64", device) if pipeline is None else LatentDiffusion.from_folder(pipeline, device)
+    # chapters 01-02 measure the pipeline's own VAE, in float32 (a CUDA pipeline runs in float16)
+    vae = copy.deepcopy(pipe.vae).float() if pipe.space == "latent" else load_vae("shapes64", device=device)
+    return vae_figures(out, vae, seed) + diffusion_figures(out, pipe, seed)

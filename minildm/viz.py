@@ -1,14 +1,15 @@
-"""Pictures: image grids, latent channels, interpolation strips. Matplotlib and Pillow only; nothing here is imported
-by the models."""
+"""Pictures: image grids, latent channels, interpolation strips, reverse-diffusion strips and GIFs. Matplotlib and
+Pillow only; nothing here is imported by the models."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves; notebooks draw inline
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from minildm.data import to_uint8
 
@@ -27,24 +28,27 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, upscale: int = 1) 
 
 
 def show_rows(rows: list[torch.Tensor], row_labels: list[str], titles: list[str] | None = None,
-              path: str | Path | None = None, scale: float = 1.3):
-    """A figure of image rows (each (B, 3, H, W)) with a label per row and optional per-column titles."""
-    ncols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(scale * ncols, scale * len(rows) + 0.3), squeeze=False)
-    for r, (row, label) in enumerate(zip(rows, row_labels)):
-        pixels = to_uint8(row)
-        for c in range(ncols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if c < len(pixels):
-                ax.imshow(pixels[c], interpolation="nearest")
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if titles and r == 0 and c < len(titles):
-                ax.set_title(titles[c], fontsize=7)
+              path: str | Path | None = None, scale: float = 1.3, wrap: int | None = None):
+    """A figure of image rows (each (B, 3, H, W)) with a label per row and optional per-column titles. `wrap` sets
+    long labels (prompts) horizontally, broken into lines of at most that many characters. The images are pasted
+    into one picture on one Axes: a figure with an Axes per image takes seconds to build."""
+    pixels = [to_uint8(row) for row in rows]                            # each (B, H, W, 3)
+    ncols = max(len(row) for row in pixels)
+    h, w = max(row.shape[1] for row in pixels), max(row.shape[2] for row in pixels)
+    gap = max(2, w // 10)                                               # white space between images, in pixels
+    canvas = np.full((len(rows) * (h + gap) - gap, ncols * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(pixels):
+        for c, image in enumerate(row):
+            canvas[r * (h + gap): r * (h + gap) + image.shape[0], c * (w + gap): c * (w + gap) + image.shape[1]] = image
+    label_width = 0.07 * wrap if wrap else 0.3                          # inches: about 0.07 per character at 8 pt
+    fig, ax = plt.subplots(figsize=(scale * ncols + label_width, scale * len(rows) + (0.3 if titles else 0.1)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    for r, label in enumerate(row_labels):
+        ax.text(-gap, r * (h + gap) + h / 2, textwrap.fill(label, wrap) if wrap else label, fontsize=8,
+                ha="right", va="center", rotation=0 if wrap else 90, multialignment="right" if wrap else "center")
+    for c, title in enumerate(titles or []):
+        ax.text(c * (w + gap) + w / 2, -gap, title, fontsize=7, ha="center", va="bottom")
     fig.tight_layout()
     return save_or_return(fig, path)
 
@@ -71,9 +75,39 @@ def show_latent_channels(images: torch.Tensor, latents: torch.Tensor, path: str 
     return save_or_return(fig, path)
 
 
+def reverse_diffusion_strip(zt_images: torch.Tensor, z0_hat_images: torch.Tensor, timesteps: list[float],
+                            path: str | Path | None = None, columns: int = 10):
+    """Two rows over `columns` evenly spaced steps: what the sampler holds (z_t, decoded) and what the model thinks
+    the end will be (z0_hat, decoded). z0_hat settles on a layout long before z_t stops looking like noise."""
+    n = len(timesteps)
+    picks = sorted({round(i * (n - 1) / max(columns - 1, 1)) for i in range(min(columns, n))})
+    return show_rows([zt_images[picks], z0_hat_images[picks]], ["z_t\n(decoded)", "z0_hat\n(decoded)"],
+                     [f"t = {timesteps[i]:.0f}" for i in picks], path)
+
+
+def reverse_diffusion_frames(zt_images: torch.Tensor, z0_hat_images: torch.Tensor, timesteps: list[float],
+                             upscale: int = 4) -> list[Image.Image]:
+    """One frame per step: decoded z_t | decoded z0_hat, enlarged, under a line that says which step it is."""
+    frames = []
+    for i, t in enumerate(timesteps):
+        pair = image_grid(torch.stack([zt_images[i], z0_hat_images[i]]), nrow=2, upscale=upscale)
+        frame = Image.new("RGB", (pair.width, pair.height + 14), (255, 255, 255))
+        frame.paste(pair, (0, 14))
+        ImageDraw.Draw(frame).text((4, 2), f"step {i + 1}/{len(timesteps)}  t = {t:.0f}   z_t | z0_hat", fill=(0, 0, 0))
+        frames.append(frame)
+    return frames
+
+
+def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 150, hold_last_ms: int = 1500) -> Path:
+    """An animated GIF that loops, one frame per image (Pillow's save_all), holding the last frame a little."""
+    durations = [ms_per_frame] * (len(frames) - 1) + [hold_last_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return Path(path)
+
+
 def save_or_return(fig, path: str | Path | None):
     if path is None:
         return fig
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.05)   # "tight": labels outside the Axes too
     plt.close(fig)
     return Path(path)

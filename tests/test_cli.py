@@ -9,7 +9,10 @@ import sys
 import pytest
 
 from minildm.cli import DEMO_MARKER, main
-from minildm.pretrained import VAES
+from minildm.pipeline import PIPELINE_NAME
+from minildm.pretrained import PIPELINES, VAES
+
+SHIPPED = (VAES["shapes64"] / "model.safetensors").is_file() and (PIPELINES["shapes64"] / PIPELINE_NAME).is_file()
 
 
 def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path, capsys):
@@ -44,14 +47,17 @@ def test_train_vae_command_trains_resumes_and_exports(tmp_path, capsys):
     assert config["block_out_channels"] == [8, 16]
 
 
-@pytest.mark.skipif(not (VAES["shapes64"] / "model.safetensors").is_file(), reason="shipped VAE not built")
+@pytest.mark.skipif(not SHIPPED, reason="the shipped shapes64 VAE and pipeline are not built yet")
 @pytest.mark.slow
 def test_demo_writes_its_figures_and_says_where(tmp_path):
+    """The real thing, from the shipped weights (tests/test_demo.py checks the same on a tiny random pipeline)."""
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "minildm", "demo", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for name in ("compression.json", "reconstructions.png", "latent_channels.png", "interpolation.png"):
+    for name in ("compression.json", "reconstructions.png", "latent_channels.png", "interpolation.png",
+                 "samples.png", "reverse_diffusion.png", "reverse_diffusion.gif", "guidance_sweep.png",
+                 "img2img_strength.png", "inpainting.png", "vae_swap.png"):
         assert (out / name).is_file(), f"{name} missing; demo said:\n{result.stdout}"
         assert str(out / name) in result.stdout
     table = json.loads((out / "compression.json").read_text())

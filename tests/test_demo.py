@@ -1,0 +1,204 @@
+"""`minildm demo` and `minildm sample` on a tiny random pipeline: every figure is written, the GIF has a frame per
+step, the grid has the expected size, user files are never overwritten, and bad input gets one clear line.
+
+The shipped weights are not needed here; tests/test_cli.py's slow demo test runs the real ones."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from minildm import demo
+from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
+from minildm.checkpoint import save_model
+from minildm.cli import main
+from minildm.pipeline import LatentDiffusion, save_pipeline
+from minildm.schedule import NoiseSchedule
+from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer
+from minildm.unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 3                      # the demo's sampler steps here (25 in the real demo)
+CELL = 64 + 2                  # one 64x64 image and its white line in image_grid
+EXPECTED = {"compression.json", "reconstructions.png", "latent_channels.png", "interpolation.png", "samples.png",
+            "reverse_diffusion.png", "reverse_diffusion.gif", "guidance_sweep.png", "img2img_strength.png",
+            "inpainting.png", "vae_swap.png"}
+
+
+def tiny_vae() -> AutoencoderKL:
+    """f = 8 like the shipped VAE (64x64 -> 4x8x8), with 8 channels per level."""
+    torch.manual_seed(0)
+    return AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                           scale_factor=0.5)).eval()
+
+
+def tiny_pipe() -> LatentDiffusion:
+    tokenizer = Tokenizer()
+    vae = tiny_vae()
+    torch.manual_seed(1)
+    unet = UNet(UNetConfig(block_channels=(32, 64), attention_levels=(False, True), heads=2, context_dim=32,
+                           norm_groups=8, layers_per_block=1, num_timesteps=100))
+    text_encoder = TextEncoder(TextEncoderConfig(vocab_size=tokenizer.vocab_size, dim=32, depth=1, heads=2))
+    return LatentDiffusion(vae, unet, text_encoder, tokenizer, NoiseSchedule(num_timesteps=100), device="cpu",
+                           steps=2)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A saved tiny pipeline, and a VAE folder with a decoder file that fits it (in place of the shipped one)."""
+    root = tmp_path_factory.mktemp("tiny")
+    save_pipeline(root / "pipe", tiny_pipe())
+    vae = tiny_vae()
+    save_model(root / "vae", vae, vae.config.to_dict())
+    torch.manual_seed(2)
+    save_decoder_file(AutoencoderKL(vae.config), root / "vae" / "decoder.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_demo(folders):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "STEPS", STEPS)
+        mp.setattr(demo, "SWAP_VAE", folders / "vae")
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def demo_run(folders, small_demo, tmp_path_factory):
+    """`minildm demo --pipeline tiny`: (the folder, the files it printed, what it printed)."""
+    out = tmp_path_factory.mktemp("run") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out), "--pipeline", str(folders / "pipe"), "--device", "cpu"]) == 0
+    listed = [Path(line.split()[0]) for line in printed.getvalue().splitlines()[1:]]
+    return out, listed, printed.getvalue()
+
+
+def write_image(path, size=64, mode="RGB", value=0):
+    Image.new(mode, (size, size), value).save(path)
+    return str(path)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, f"expected one 'error: ...' line, got:\n{err}"
+    return err
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def test_the_demo_writes_every_file_it_lists_and_lists_every_figure(demo_run):
+    out, listed, printed = demo_run
+    names = {path.name for path in listed}
+    assert names == EXPECTED, f"missing {EXPECTED - names}, unexpected {names - EXPECTED}; it printed:\n{printed}"
+    for path in listed:
+        assert path.parent == out and path.is_file() and path.stat().st_size > 0, f"{path} not written"
+    assert [row["ratio"] for row in json.loads((out / "compression.json").read_text())][:2] == [48.0, 48.0]
+
+
+def test_the_reverse_diffusion_gif_has_one_frame_per_step(demo_run):
+    out, _, _ = demo_run
+    with Image.open(out / "reverse_diffusion.gif") as gif:
+        assert gif.n_frames == STEPS, f"{gif.n_frames} frames for {STEPS} steps"
+
+
+def test_the_decoder_file_is_swapped_only_into_the_vae_it_was_made_for(folders, tmp_path):
+    pipe = LatentDiffusion.from_folder(folders / "pipe", "cpu")
+    assert demo.decoder_file_fits(pipe, folders / "vae")
+    other = tmp_path / "other-vae"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(AutoencoderConfig.shapes64().to_dict()))
+    assert not demo.decoder_file_fits(pipe, other)
+
+
+def test_train_pipeline_trains_exports_and_resumes_a_finished_run(folders, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "TRAIN_CONFIG", {"steps": 2, "batch_size": 4, "num_train_images": 8, "save_every": 2,
+                                               "sample_every": 0, "log_every": 1, "vae": str(folders / "vae")})
+    monkeypatch.setattr(demo, "TRAIN_MODELS", {"channels": "32,64", "norm_groups": 8, "text_dim": 32,
+                                               "text_depth": 1, "heads": 2})
+    exported = demo.train_pipeline(tmp_path, device="cpu")
+    printed = capsys.readouterr().out
+    assert "from scratch" in printed and "not retrained" in printed
+    assert exported == tmp_path / "pipeline" and (exported / "training.json").is_file()
+    assert json.loads((tmp_path / "train-run" / "checkpoint" / "trainer.json").read_text())["step"] == 2
+    # again into the same folder: the finished run is resumed (no new steps), not refused
+    assert demo.train_pipeline(tmp_path, device="cpu") == exported
+    LatentDiffusion.from_folder(exported, "cpu").text_to_image("a red circle", steps=2)
+
+
+@pytest.mark.parametrize("args, says", [(["--train", "--pipeline", "."], "--train"),
+                                        (["--pipeline", "no-such-folder"], "no such folder")])
+def test_demo_command_rejects_bad_options_with_one_line(tmp_path, capsys, args, says):
+    assert main(["demo", "--out", str(tmp_path / "demo"), *args]) == 2
+    assert says in one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------------------------- sample
+
+
+def sample(folders, out, *args) -> int:
+    return main(["sample", "--pipeline", str(folders / "pipe"), "--out", str(out), "--steps", "2", "--device", "cpu",
+                 *args])
+
+
+def test_sample_writes_one_grid_with_a_row_per_prompt_and_a_column_per_seed(folders, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert sample(folders, out, "--prompt", "a red circle", "--prompt", "a large blue square", "--num", "3") == 0
+    with Image.open(out) as grid:
+        assert grid.size == (3 * CELL + 2, 2 * CELL + 2) and grid.mode == "RGB"
+    assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_sample_edits_a_64x64_image(folders, tmp_path, mode):
+    image = write_image(tmp_path / "in.png", value=(200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "mask.png")
+    extra = ["--mask", str(tmp_path / "mask.png")] if mode == "inpaint" else ["--strength", "0.5"]
+    out = tmp_path / "edit.png"
+    assert sample(folders, out, "--prompt", "a red circle", "--num", "2", "--init-image", image, *extra) == 0
+    with Image.open(out) as grid:
+        assert grid.size == (2 * CELL + 2, CELL + 2)
+
+
+def test_sample_never_overwrites_a_file_unless_forced(folders, tmp_path, capsys):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"not to be lost")
+    assert sample(folders, out, "--prompt", "a red circle", "--num", "1") == 2
+    assert "--force" in one_line_error(capsys)
+    assert out.read_bytes() == b"not to be lost"
+    assert sample(folders, out, "--prompt", "a red circle", "--num", "1", "--force") == 0
+    with Image.open(out) as grid:
+        assert grid.size == (CELL + 2, CELL + 2)
+
+
+@pytest.mark.parametrize("case, says", [
+    ("unknown word", "unknown words 'pink'"),
+    ("small init image", "32x32"),
+    ("grey mask", "black (keep) and white"),
+    ("mask without image", "--init-image"),
+    ("not a png name", ".png"),
+    ("missing image", "no such file"),
+])
+def test_sample_rejects_bad_input_with_one_line_and_exit_code_2(folders, tmp_path, capsys, case, says):
+    image = write_image(tmp_path / "in.png")
+    args = {"unknown word": ["--prompt", "a pink circle"],
+            "small init image": ["--prompt", "a red circle", "--init-image", write_image(tmp_path / "s.png", 32)],
+            "grey mask": ["--prompt", "a red circle", "--init-image", image,
+                          "--mask", write_image(tmp_path / "grey.png", mode="L", value=128)],
+            "mask without image": ["--prompt", "a red circle", "--mask", write_image(tmp_path / "black.png", mode="L")],
+            "not a png name": ["--prompt", "a red circle"],
+            "missing image": ["--prompt", "a red circle", "--init-image", str(tmp_path / "nope.png")]}[case]
+    out = tmp_path / ("grid.jpg" if case == "not a png name" else "grid.png")
+    assert sample(folders, out, *args) == 2
+    assert says in one_line_error(capsys)
+    assert not out.exists()
