@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from minildm.autoencoder import AutoencoderKL, swap_decoder
 from minildm.checkpoint import config_from_dict, model_files, write_folder_atomically
 from minildm.device import cpu_generator, default_dtype, get_device, randn
+from minildm.pixel_space import PixelSpace
 from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, img2img_start, make_sampler, sample
 from minildm.schedule import NoiseSchedule
 from minildm.text import SPECIAL_TOKENS, TextEncoder, Tokenizer, split_words, text_encoder_files
@@ -330,17 +331,16 @@ class LatentDiffusion:
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
                     vae: nn.Module | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusion":
         """A folder written by save_pipeline -> the pipeline, in eval mode on `device` (default: get_device()).
-        A pixel-space pipeline stores no VAE: pass its identity autoencoder as `vae`."""
+        A pixel-space pipeline stores no VAE: it gets the identity autoencoder (pixel_space.PixelSpace)."""
         folder = Path(folder)
         meta_path = folder / PIPELINE_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"{folder}: not a pipeline folder (no {PIPELINE_NAME}); write one with "
                                     f"save_pipeline")
         meta = json.loads(meta_path.read_text())
-        if vae is None:
-            if meta.get("space") == "pixel" or meta.get("vae") is None:
-                raise ValueError(f"{meta_path} says the pipeline works in pixel space and stores no VAE; pass the "
-                                 f"identity autoencoder it was trained with as vae=")
+        if vae is None and (meta.get("space") == "pixel" or meta.get("vae") is None):
+            vae, vae_name = PixelSpace(), "the identity autoencoder (pixel space)"
+        elif vae is None:
             vae_folder = vae_path(folder, meta["vae"])
             if not (vae_folder / "config.json").is_file():
                 raise FileNotFoundError(f"{meta_path} points to the VAE folder {meta['vae']!r}, but {vae_folder} holds "

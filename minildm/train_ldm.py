@@ -83,8 +83,8 @@ class ModelConfigs:
     """The two networks training builds: the U-Net and the text encoder it reads, plus the noise schedule."""
 
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        block_channels=(64, 128), attention_levels=(True, True), layers_per_block=1, heads=4, context_dim=64,
-        norm_groups=16))
+        block_channels=(32, 64), attention_levels=(True, True), layers_per_block=1, heads=4, context_dim=64,
+        norm_groups=8))
     text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(
         vocab_size=Tokenizer().vocab_size, dim=64, depth=2, heads=4))
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
@@ -108,10 +108,10 @@ def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
 
 
 def model_configs(space: str = "latent", channels: str | None = None, attention: str | None = None, heads: int = 4,
-                  layers_per_block: int = 1, text_dim: int = 64, text_depth: int = 2, norm_groups: int = 16,
+                  layers_per_block: int = 1, text_dim: int = 64, text_depth: int = 2, norm_groups: int = 8,
                   prediction_type: str = "epsilon") -> ModelConfigs:
     """The networks for `space`: 4 channels in and out for latents, 3 for pixels; the rest is one recipe."""
-    block_channels = parse_ints(channels, "channels") or (64, 128)
+    block_channels = parse_ints(channels, "channels") or (32, 64)
     attends = parse_ints(attention, "attention") or (1,) * len(block_channels)
     if len(attends) != len(block_channels):
         raise ValueError(f"--attention has {len(attends)} entries for {len(block_channels)} levels; give one 0/1 each")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
 from minildm.checkpoint import save_model
 from minildm.pipeline import LatentDiffusion, guided_model_fn, guided_output, img2img_start, save_pipeline
+from minildm.pixel_space import PixelSpace
 from minildm.samplers import make_sampler
 from minildm.schedule import NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer, save_text_encoder
@@ -163,24 +162,6 @@ def test_inpaint_keeps_the_unmasked_latent_exactly_and_repaints_the_rest(pipe):
     assert torch.equal(pipe.inpaint(x, mask[None, None], "a red circle", output_type="latents"), z)   # (B, 1, H, W)
 
 
-class PixelSpace(nn.Module):
-    """The identity autoencoder of pixel-space diffusion, as small as the pipeline needs it."""
-
-    config = SimpleNamespace(downsampling_factor=1, latent_channels=3)
-
-    def encode(self, x):
-        return SimpleNamespace(mean=x)
-
-    def decode(self, z):
-        return z
-
-    def to_z0(self, x):
-        return x
-
-    def from_z0(self, z0):
-        return z0
-
-
 def test_a_pixel_space_pipeline_runs_saves_and_loads_with_its_identity_autoencoder(pipe, tmp_path):
     torch.manual_seed(0)
     unet = UNet(UNetConfig(in_channels=3, out_channels=3, block_channels=(32, 64), attention_levels=(False, True),
@@ -190,9 +171,8 @@ def test_a_pixel_space_pipeline_runs_saves_and_loads_with_its_identity_autoencod
     assert x.shape == (1, 3, 8, 8) and pixels.space == "pixel"
     save_pipeline(tmp_path / "pixel-ldm", pixels)
     assert json.loads((tmp_path / "pixel-ldm" / "pipeline.json").read_text())["space"] == "pixel"
-    with pytest.raises(ValueError, match="pass the identity autoencoder"):
-        LatentDiffusion.from_folder(tmp_path / "pixel-ldm", device="cpu")
-    loaded = LatentDiffusion.from_folder(tmp_path / "pixel-ldm", device="cpu", vae=PixelSpace())
+    loaded = LatentDiffusion.from_folder(tmp_path / "pixel-ldm", device="cpu")      # builds its PixelSpace
+    assert isinstance(loaded.vae, PixelSpace)
     assert torch.equal(loaded.text_to_image("a red circle", height=8, width=8), x)
     with pytest.raises(ValueError, match="no VAE decoder to swap"):
         pixels.swap_vae_decoder(tmp_path / "decoder.safetensors")
