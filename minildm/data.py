@@ -46,12 +46,21 @@ class ShapeFactors:
     rotation: float   # radians; ignored by circles
 
     def describe(self) -> str:
-        size_word = next(word for limit, word in SIZE_WORDS if self.size < limit)
-        col = min(int(self.x * 3), 2)
-        row = min(int(self.y * 3), 2)
-        where = POSITION_WORDS[row][col]
+        where = position_word(self.x, self.y)
         place = "in the centre" if where == "centre" else f"at the {where}"
-        return f"a {size_word} {self.colour} {self.kind} {place}"
+        return f"a {size_word(self.size)} {self.colour} {self.kind} {place}"
+
+
+def size_word(size: float) -> str:
+    """The caption's word for a circumradius (fraction of the side): small < 0.26 <= medium < 0.34 <= large."""
+    return next(word for limit, word in SIZE_WORDS if size < limit)
+
+
+def position_word(x: float, y: float) -> str:
+    """The caption's place for a centre (fractions of width and height): the image cut into thirds each way."""
+    col = min(int(x * 3), 2)
+    row = min(int(y * 3), 2)
+    return POSITION_WORDS[row][col]
 
 
 def caption(factors: dict) -> str:
