@@ -44,7 +44,7 @@ e. --quality SECONDS: train latent and pixel (same recipe, same --batch; the dee
    Data preparation (rendering; VAE encoding in latent space, a one-off cost) is timed but not counted. Then each
    EMA model draws --eval-images (200) images of held-out captions (seed 2024, never trained on) and the judge
    scores them: prompt-following (all four words right) and the Frechet distance in judge features to the real
-   images of the same captions (with real-vs-real for scale). Without the judge, the table says so.
+   images of the same captions (with real-vs-real for scale): metrics.evaluate_pipeline.
    Sampling in pixel space is slow on a CPU (hours for 200 images at 50 steps): use a GPU, or --eval-images and
    --steps. --out keeps the runs and exports their pipelines (feed one to --resolution --pipeline).
 f. --resolution: duplicates at 2x. With --pipeline FOLDER (default: the shipped shapes64 LDM), draw
@@ -80,9 +80,11 @@ import torch.nn.functional as F
 from attention import MiB, peak_rss_bytes, ratio, show
 from unet import count_flops, reset_peak, resident_bytes
 
-from minildm.data import ShapesDataset
+from minildm.data import EVAL_SEED, ShapesDataset
 from minildm.device import default_dtype, get_device
+from minildm.metrics import count_objects, evaluate_pipeline
 from minildm.pipeline import LatentDiffusion
+from minildm.pretrained import load_judge
 from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_vae
 from minildm.text import TextEncoder, Tokenizer
@@ -98,7 +100,6 @@ from minildm.train_ldm import (
 from minildm.unet import UNet
 
 IMAGE_SIZE = 64
-EVAL_SEED = 2024                       # held-out captions and images (the LDM trains on seed 0, the judge on 4242)
 TARGET_RATIO = 25                      # pixel / latent, per training step and per image
 MIN_TIMING_S = 0.5                     # cheap rows repeat until this much time is spent (a steadier median)
 WARMUP_BATCH = 2
@@ -377,19 +378,7 @@ def print_speed_table(table: list[dict], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------------------ the judge
-
-def judge_or_reason():
-    """(judge, None) or (None, why not): the judge and its metrics are optional here."""
-    try:
-        from minildm import metrics
-        from minildm.pretrained import load_judge
-        for name in ("prompt_following", "judge_features", "frechet_distance"):
-            getattr(metrics, name)
-        return load_judge(), None
-    except (ImportError, AttributeError, FileNotFoundError, ValueError) as err:
-        return None, f"judge not available ({type(err).__name__}: {err})"
-
+# ------------------------------------------------------------------------------------------------ sampling
 
 def generate_all(pipe: LatentDiffusion, prompts: list[str], steps: int, guidance: float, batch: int,
                  height: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
@@ -439,24 +428,19 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
                 spent[name].append(step_s)
                 losses[name].append(record["loss"])
         print(f"    {', '.join(f'{n}: step {t.step}' for n, t in trainers.items())}", file=sys.stderr, flush=True)
-    judge, why_not = judge_or_reason()
-    prompts = eval_prompts(args.eval_images)
-    real = ShapesDataset(args.eval_images, seed=EVAL_SEED, image_size=IMAGE_SIZE).images()
+    judge = load_judge("shapes64", device)
     results = []
     for name, trainer in trainers.items():
         tail = losses[name][-max(1, len(losses[name]) // 10):]             # the mean loss of the last tenth
         ema = trainer.ema_denoiser()
         pipe = LatentDiffusion(trainer.autoencoder, ema.unet, ema.text_encoder, trainer.tokenizer,
                                trainer.models.schedule, device=device)
-        sample_s, images = seconds(lambda: generate_all(pipe, prompts, args.steps, args.guidance, args.eval_batch),
-                                   device)
+        sample_s, quality = seconds(lambda: evaluate_pipeline(pipe, judge, args.eval_images, steps=args.steps,
+                                                              guidance_scale=args.guidance, batch=args.eval_batch),
+                                    device)
         row = {"row": name, "steps": trainer.step, "train_s": sum(spent[name]), "prep_s": prep_s[name],
                "ms_per_step": 1e3 * statistics.median(spent[name]), "final_loss": statistics.fmean(tail),
-               "sample_s": sample_s}
-        if judge is not None:
-            from minildm.metrics import frechet_distance, judge_features, prompt_following
-            row["prompt_following"] = prompt_following(judge, images, prompts)
-            row["frechet"] = frechet_distance(judge_features(judge, images), judge_features(judge, real))
+               "sample_s": sample_s, **quality}
         if keep:
             from minildm.train_ldm import export_pipeline
             trainer.save({"steps": trainer.step, "train_seconds": row["train_s"]})
@@ -465,30 +449,21 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
                                                   "budget_s": args.quality})
             row["pipeline"] = str(target)
         results.append(row)
-    real_vs_real = None
-    if judge is not None:
-        from minildm.metrics import frechet_distance, judge_features
-        other = ShapesDataset(args.eval_images, seed=EVAL_SEED + 1, image_size=IMAGE_SIZE).images()
-        real_vs_real = frechet_distance(judge_features(judge, other), judge_features(judge, real))
-    print_quality(results, why_not, real_vs_real)
+    print_quality(results)
     if not keep:
         import shutil
         shutil.rmtree(root, ignore_errors=True)
-    return {"rows": results, "judge": why_not or "loaded", "frechet_real_vs_real": real_vs_real}
+    return {"rows": results}
 
 
-def print_quality(results: list[dict], why_not: str | None, real_vs_real: float | None) -> None:
+def print_quality(results: list[dict]) -> None:
     print("\n| row | steps | train s | ms / step | loss (last tenth) | prompt-following (all) | Frechet | sample s |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        following = f"{r['prompt_following']['all']:.3f}" if "prompt_following" in r else "-"
-        frechet = f"{r['frechet']:.2f}" if "frechet" in r else "-"
+        following, frechet = f"{r['prompt_following']['all']:.3f}", f"{r['frechet']:.2f}"
         print(f"| {r['row']} | {r['steps']:,} | {r['train_s']:.0f} | {r['ms_per_step']:,.0f} | {r['final_loss']:.4f} "
               f"| {following} | {frechet} | {r['sample_s']:.0f} |")
-    if why_not:
-        print(why_not)
-    elif real_vs_real is not None:
-        print(f"Frechet distance of two real sets of the same size (the floor): {real_vs_real:.2f}")
+    print(f"Frechet distance of two real sets of the same size (the floor): {results[0]['frechet_real']:.2f}")
     print("(losses are in each space's own units: a latent MSE and a pixel MSE are not comparable numbers; "
           "ms / step includes the trainer's data, clipping and EMA)")
 
@@ -507,8 +482,7 @@ def run_resolution(args: argparse.Namespace, device: torch.device) -> dict:
           f"{args.guidance:g}:")
     try:
         pipe = load_any_pipeline(args.pipeline, device)
-        from minildm.metrics import count_objects
-    except (ImportError, FileNotFoundError, ValueError, OSError) as err:
+    except (FileNotFoundError, ValueError, OSError) as err:
         why = f"not measured: {type(err).__name__}: {err}"
         print(why)
         return {"skipped": why}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minildm.data import COLOURS, POSITION_WORDS, SHAPE_KINDS, SIZE_WORDS, ShapesDataset
+from minildm.data import COLOURS, EVAL_SEED, OTHER_REAL_SEED, POSITION_WORDS, SHAPE_KINDS, SIZE_WORDS, ShapesDataset
 from minildm.judge import FACTORS, Judge, factor_words, read_words
 
 
@@ -139,7 +139,7 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     return float(d2.clamp_min(0))
 
 
-def frechet_real_baseline(judge: Judge, n: int = 1000, seeds: tuple[int, int] = (2024, 6060)) -> float:
+def frechet_real_baseline(judge: Judge, n: int = 1000, seeds: tuple[int, int] = (EVAL_SEED, OTHER_REAL_SEED)) -> float:
     """Frechet distance between two disjoint sets of n real Shapes images: the floor a generator is measured against.
 
     With finite n even two real sets are not at distance 0 (the fitted covariances differ by sampling noise), so a
@@ -150,6 +150,29 @@ def frechet_real_baseline(judge: Judge, n: int = 1000, seeds: tuple[int, int] = 
     size = judge.config.image_size
     a, b = (judge_features(judge, ShapesDataset(n, seed=s, image_size=size).images()) for s in seeds)
     return frechet_distance(a, b)
+
+
+# ------------------------------------------------------------------------------------------------- a pipeline, scored
+
+@torch.no_grad()
+def evaluate_pipeline(pipe, judge: Judge, count: int = 500, seed: int = 0, guidance_scale: float | None = None,
+                      steps: int = 25, sampler: str = "ddim", batch: int = 100) -> dict:
+    """Generate `count` images for held-out captions (Shapes seed 2024, never trained on) and score them: the judge's
+    prompt-following, and the Frechet distance of their judge features to the real images of the same captions,
+    next to real vs real (two disjoint real sets of the same size) for scale."""
+    if count < 2:
+        raise ValueError(f"count must be at least 2 (a covariance needs two images), got {count}")
+    real = ShapesDataset(count, seed=EVAL_SEED, image_size=judge.config.image_size)
+    prompts = real.captions()
+    w = pipe.guidance_scale if guidance_scale is None else guidance_scale
+    images = torch.cat([pipe.text_to_image(prompts[i:i + batch], guidance_scale=w, sampler=sampler, steps=steps,
+                                           seed=seed + i) for i in range(0, count, batch)])     # (count, 3, H, W)
+    real_features = judge_features(judge, real.images())
+    other_real = ShapesDataset(count, seed=OTHER_REAL_SEED, image_size=judge.config.image_size).images()
+    return {"count": count, "guidance_scale": w, "steps": steps, "sampler": sampler, "seed": seed,
+            "prompt_following": prompt_following(judge, images, prompts),
+            "frechet": frechet_distance(judge_features(judge, images), real_features),
+            "frechet_real": frechet_distance(judge_features(judge, other_real), real_features)}
 
 
 # ------------------------------------------------------------------------------------------------- counting objects

@@ -41,7 +41,7 @@ from minildm.checkpoint import (
     read_config,
     write_folder_atomically,
 )
-from minildm.data import ImageFolderDataset, ShapesDataset, to_tensor_batch
+from minildm.data import EVAL_SEED, ImageFolderDataset, ShapesDataset, to_tensor_batch
 from minildm.device import get_device
 from minildm.discriminator import (
     PatchDiscriminator,
@@ -52,7 +52,6 @@ from minildm.discriminator import (
 from minildm.metrics import psnr
 
 TRAINER_NAME = "trainer.json"
-EVAL_SEED = 2024  # a Shapes seed never used for training: held-out images for PSNR
 
 
 @dataclass

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from minildm.data import BACKGROUNDS, ShapesDataset, render
+from minildm.data import BACKGROUNDS, EVAL_SEED, ShapesDataset, render
 from minildm.judge import FACTORS, HELDOUT_SEED, TRAIN_SEED
-from minildm.metrics import (count_objects, frechet_distance, judge_accuracy, judge_features, prompt_attributes,
-                             prompt_following, read_attributes)
+from minildm.metrics import (count_objects, evaluate_pipeline, frechet_distance, judge_accuracy, judge_features,
+                             prompt_attributes, prompt_following, read_attributes)
 from minildm.pretrained import JUDGES, load_judge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,3 +178,37 @@ def test_shipped_judge_is_small_and_says_how_it_was_made():
     record = __import__("json").loads((folder / "training.json").read_text())
     assert record["data_seed"] == TRAIN_SEED and record["heldout_seed"] == HELDOUT_SEED
     assert min(record["heldout_accuracy"].values()) >= 0.98, record["heldout_accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------- a pipeline, scored
+
+class RealImages:
+    """A stand-in pipeline that 'generates' the real held-out image of each caption (or a fixed wrong one)."""
+
+    guidance_scale = 3.0
+
+    def __init__(self, count, wrong=False):
+        data = ShapesDataset(count, seed=EVAL_SEED)
+        self.images = data.images()
+        self.index = {caption: i for i, caption in reversed(list(enumerate(data.captions())))}
+        self.wrong, self.calls = wrong, []
+
+    def text_to_image(self, prompts, guidance_scale, sampler, steps, seed):
+        self.calls.append((len(prompts), guidance_scale, sampler, steps, seed))
+        if self.wrong:
+            return self.images[:1].expand(len(prompts), -1, -1, -1)
+        return self.images[[self.index[p] for p in prompts]]
+
+
+def test_evaluate_pipeline_scores_real_images_as_real_and_a_stuck_generator_as_poor(judge):
+    good = evaluate_pipeline(RealImages(120), judge, count=120, seed=5, batch=50)
+    assert good["guidance_scale"] == 3.0 and good["count"] == 120
+    assert good["prompt_following"]["all"] >= 0.9
+    assert good["frechet"] < 0.5 * good["frechet_real"], good      # the same images as the reference: ~0
+    stuck = RealImages(120, wrong=True)
+    bad = evaluate_pipeline(stuck, judge, count=120, guidance_scale=7.5, steps=3, batch=50)
+    assert [c[0] for c in stuck.calls] == [50, 50, 20] and {c[1:4] for c in stuck.calls} == {(7.5, "ddim", 3)}
+    assert [c[4] for c in stuck.calls] == [0, 50, 100], "each batch gets its own seed"
+    assert bad["prompt_following"]["all"] < 0.2 and bad["frechet"] > 10 * bad["frechet_real"], bad
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate_pipeline(stuck, judge, count=1)
