@@ -194,7 +194,7 @@ def cmd_train_ldm(args) -> int:
     if args.export and not summary.get("stopped_early"):
         notes = {"command": "minildm " + " ".join(args.argv), "seed": cfg.seed, "data_seed": cfg.data_seed,
                  "torch_threads": torch.get_num_threads(), **summary}
-        export_pipeline(args.out, args.export, notes)
+        export_pipeline(args.out, args.export, notes, guidance_scale=args.export_guidance, steps=args.export_steps)
         print(f"exported the pipeline to {args.export}")
     return 0
 
@@ -305,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--stop-after", dest="stop_after", type=int, default=None,
                     help="train at most this many steps now, save, and stop (continue later with --resume)")
     tl.add_argument("--export", default=None, help="also write the pipeline (EMA weights + training record) here")
+    tl.add_argument("--export-guidance", dest="export_guidance", type=float, default=7.5,
+                    help="the exported pipeline's default guidance scale (default 7.5)")
+    tl.add_argument("--export-steps", dest="export_steps", type=int, default=50,
+                    help="the exported pipeline's default number of DDIM steps (default 50)")
     tl.add_argument("--steps", type=int)
     tl.add_argument("--batch-size", dest="batch_size", type=int, help="images per step on each process")
     tl.add_argument("--lr", type=float)

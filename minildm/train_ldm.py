@@ -500,9 +500,11 @@ class LDMTrainer:
         return path
 
 
-def export_pipeline(run_folder: str | Path, export_to: str | Path, notes: dict) -> Path:
-    """Write the run's EMA weights as a pipeline folder with a training record (training.json). A VAE folder beside
-    the export (the shipped assets/shapes64-vae next to assets/shapes64-ldm) is referenced; any other is copied in."""
+def export_pipeline(run_folder: str | Path, export_to: str | Path, notes: dict, guidance_scale: float = 7.5,
+                    steps: int = 50) -> Path:
+    """Write the run's EMA weights as a pipeline folder with a training record (training.json) and the sampling
+    defaults (guidance_scale, DDIM steps) pipeline.json will hold. A VAE folder beside the export (the shipped
+    assets/shapes64-vae next to assets/shapes64-ldm) is referenced; any other is copied in."""
     from minildm.pipeline import LatentDiffusion, save_pipeline
 
     folder, export_to = Path(run_folder) / CHECKPOINT, Path(export_to)
@@ -514,7 +516,7 @@ def export_pipeline(run_folder: str | Path, export_to: str | Path, notes: dict) 
     autoencoder = load_vae_folder(config["vae"], "cpu") if latent else PixelSpace(config["image_size"])
     tokenizer = Tokenizer(words=config["tokenizer_words"][len(SPECIAL_TOKENS):], max_length=models.text_encoder.max_length)
     pipe = LatentDiffusion(autoencoder, model.unet.eval(), model.text_encoder.eval(), tokenizer, models.schedule,
-                           device="cpu")
+                           device="cpu", guidance_scale=guidance_scale, steps=steps)
     trainer = json.loads((folder / "trainer.json").read_text())
     record = {**notes, "train_config": trainer["train_config"], "history": trainer["history"]}
     vae_dir = Path(config["vae"]).resolve() if latent else None
