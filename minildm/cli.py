@@ -12,6 +12,15 @@ from pathlib import Path
 DEMO_MARKER = ".minildm-demo"
 
 
+def add_run_options(p: argparse.ArgumentParser, out_help: str, export_help: str) -> None:
+    """The options every training command shares: where the run lives, resuming it, and exporting its result."""
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--stop-after", dest="stop_after", type=int, default=None,
+                   help="train at most this many steps now, save, and stop (continue later with --resume)")
+    p.add_argument("--export", default=None, help=export_help)
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:N or mps")
 
@@ -269,11 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.set_defaults(func=cmd_sample)
 
     tv = sub.add_parser("train-vae", help="train the VAE on Shapes (or --data-dir), or fine-tune a decoder")
-    tv.add_argument("--out", required=True, help="training folder (checkpoints); must be new unless --resume")
-    tv.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    tv.add_argument("--stop-after", dest="stop_after", type=int, default=None,
-                    help="train at most this many steps now, save, and stop (continue later with --resume)")
-    tv.add_argument("--export", default=None, help="also write just the final model (+ training record) here")
+    add_run_options(tv, "training folder (checkpoints); must be new unless --resume",
+                    "also write just the final model (+ training record) here")
     tv.add_argument("--export-half", dest="export_half", action="store_true",
                     help="store the exported weights in float16 (half the size)")
     tv.add_argument("--steps", type=int)
@@ -300,11 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     tv.set_defaults(func=cmd_train_vae)
 
     tl = sub.add_parser("train-ldm", help="train the latent diffusion model (U-Net + text encoder) on Shapes latents")
-    tl.add_argument("--out", required=True, help="training folder (checkpoint, latent cache, sample grids)")
-    tl.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    tl.add_argument("--stop-after", dest="stop_after", type=int, default=None,
-                    help="train at most this many steps now, save, and stop (continue later with --resume)")
-    tl.add_argument("--export", default=None, help="also write the pipeline (EMA weights + training record) here")
+    add_run_options(tl, "training folder (checkpoint, latent cache, sample grids); must be new unless --resume",
+                    "also write the pipeline (EMA weights + training record) here")
     tl.add_argument("--export-guidance", dest="export_guidance", type=float, default=7.5,
                     help="the exported pipeline's default guidance scale (default 7.5)")
     tl.add_argument("--export-steps", dest="export_steps", type=int, default=50,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,7 +242,7 @@ class StopRequested:
         self.requested, self.previous = False, None
 
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():     # only the main thread may set handlers
             self.previous = signal.signal(signal.SIGINT, self.handle)
         return self
 
@@ -252,11 +253,6 @@ class StopRequested:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 class LDMTrainer:
