@@ -54,14 +54,15 @@ class ShapeFactors:
 
 
 def size_word(size: float) -> str:
-    """The caption's word for a circumradius (fraction of the side): small < 0.26 <= medium < 0.34 <= large."""
-    return next(word for limit, word in SIZE_WORDS if size < limit)
+    """The caption's word for a circumradius (fraction of the side): small < 0.26 <= medium < 0.34 <= large. Sizes past
+    the last limit (a judge measuring a blob that fills the frame) are large too."""
+    return next((word for limit, word in SIZE_WORDS if size < limit), SIZE_WORDS[-1][1])
 
 
 def position_word(x: float, y: float) -> str:
     """The caption's place for a centre (fractions of width and height): the image cut into thirds each way."""
-    col = min(int(x * 3), 2)
-    row = min(int(y * 3), 2)
+    col = min(max(int(x * 3), 0), 2)                 # a centre measured outside the frame counts as its edge
+    row = min(max(int(y * 3), 0), 2)
     return POSITION_WORDS[row][col]
 
 

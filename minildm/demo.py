@@ -34,9 +34,11 @@ GUIDANCE_SCALES = (0.0, 1.0, 2.0, 4.0, 7.5)
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SWAP_VAE = VAES["shapes64"]                         # decoder.safetensors there was fine-tuned for this VAE's latents
 
-# --train: the shipped pipeline's recipe with fewer steps, about 15 minutes on a 2-core CPU (train_ldm.py)
-TRAIN_CONFIG = {"steps": 1200, "batch_size": 64, "lr": 1e-3, "save_every": 250, "sample_every": 0}
+# --train: the shipped pipeline's recipe (train_ldm.py defaults) cut from 12,000 steps to 3,000, about 15 minutes
+# on a quiet 2-core CPU (assets/shapes64-ldm/README.md: what fewer steps cost in prompt-following)
+TRAIN_CONFIG = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "save_every": 250, "sample_every": 0}
 TRAIN_MODELS = {"channels": "32,64", "norm_groups": 8}
+SHIPPED_SAMPLING = {"guidance_scale": 4.0, "steps": 25}      # the shipped pipeline.json's defaults
 
 
 # ---------------------------------------------------------------------------------- chapters 01-02: the VAE
@@ -204,7 +206,8 @@ def train_pipeline(out: Path, device=None) -> Path:
     cfg = LDMTrainConfig(**TRAIN_CONFIG)
     run = out / "train-run"
     print(f"training the diffusion model from scratch: {cfg.steps} steps into {run} (about 15 minutes on a 2-core "
-          f"CPU; the shipped VAE is reused, not retrained; interrupted? run the same command to continue)")
+          f"CPU, a quarter of the shipped model's 12,000; the shipped VAE is reused, not retrained; interrupted? run "
+          f"the same command to continue)")
     resume = (run / "checkpoint").is_dir()
     trainer = LDMTrainer(cfg, run, model_configs(**TRAIN_MODELS), resume=resume, device=device)
     summary = trainer.run()
@@ -213,7 +216,7 @@ def train_pipeline(out: Path, device=None) -> Path:
                          f"continue it")
     notes = {"command": "minildm demo --train", "seed": cfg.seed, "data_seed": cfg.data_seed,
              "torch_threads": torch.get_num_threads(), **summary}
-    return export_pipeline(run, out / "pipeline", notes)
+    return export_pipeline(run, out / "pipeline", notes, **SHIPPED_SAMPLING)
 
 
 def run_demo(out: Path, device=None, seed: int = 0, pipeline: LatentDiffusion | str | Path | None = None,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minildm.data import BACKGROUNDS, EVAL_SEED, ShapesDataset, render
+from minildm.data import BACKGROUNDS, EVAL_SEED, ShapesDataset, position_word, render, size_word
 from minildm.judge import FACTORS, HELDOUT_SEED, TRAIN_SEED
 from minildm.metrics import (count_objects, evaluate_pipeline, frechet_distance, judge_accuracy, judge_features,
                              prompt_attributes, prompt_following, read_attributes)
@@ -212,3 +212,11 @@ def test_evaluate_pipeline_scores_real_images_as_real_and_a_stuck_generator_as_p
     assert bad["prompt_following"]["all"] < 0.2 and bad["frechet"] > 10 * bad["frechet_real"], bad
     with pytest.raises(ValueError, match="at least 2"):
         evaluate_pipeline(stuck, judge, count=1)
+
+
+def test_the_judge_reads_words_even_from_images_that_are_not_shapes(judge):
+    noise = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    blank = torch.ones(2, 3, 64, 64)                                   # one colour, nothing on it
+    words = read_attributes(judge, torch.cat([noise, blank]))         # an untrained model draws such things
+    assert len(words) == 6 and all(set(w) == set(FACTORS) for w in words)
+    assert size_word(1.5) == "large" and position_word(-0.1, 1.2) == "bottom left"   # measured past the edges
