@@ -440,7 +440,8 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
                                     device)
         row = {"row": name, "steps": trainer.step, "train_s": sum(spent[name]), "prep_s": prep_s[name],
                "ms_per_step": 1e3 * statistics.median(spent[name]), "final_loss": statistics.fmean(tail),
-               "sample_s": sample_s, **quality}
+               "sample_s": sample_s, "eval_images": quality["count"], "prompt_following": quality["prompt_following"],
+               "frechet": quality["frechet"], "frechet_real": quality["frechet_real"]}
         if keep:
             from minildm.train_ldm import export_pipeline
             trainer.save({"steps": trainer.step, "train_seconds": row["train_s"]})
