@@ -92,6 +92,15 @@ def learning_rate(cfg: VAETrainConfig, step: int) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def apply_learning_rate(optimizer: torch.optim.Optimizer, cfg, step: int) -> float:
+    """Set every parameter group's lr to the schedule's value at `step` (cfg has lr, warmup_steps, steps and
+    min_lr_fraction: the VAE's and the diffusion model's configs both do); returns it."""
+    lr = learning_rate(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 HOLD_OUT_EVERY = 10  # with --data-dir, every 10th image is kept out of training to measure PSNR on
 
 
@@ -204,9 +213,7 @@ class VAETrainer:
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        lr = learning_rate(cfg, step)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        lr = apply_learning_rate(self.opt, cfg, step)
         self.vae.train()
         index = torch.randint(len(self.pixels), (cfg.batch_size,), generator=step_generator(cfg.seed, step, 0))
         x = to_tensor_batch(self.pixels[index].numpy()).to(self.device)    # (B, 3, H, W)
@@ -330,4 +337,4 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
     return write_folder_atomically(export_to, files)
 
 
-__all__ = ["VAETrainConfig", "VAETrainer", "encode_moments", "export_model", "learning_rate", "step_generator"]
+__all__ = ["VAETrainConfig", "VAETrainer", "apply_learning_rate", "encode_moments", "export_model", "learning_rate", "step_generator"]

@@ -46,7 +46,7 @@ from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_vae_folder, vae_folder
 from minildm.schedule import NoiseSchedule
 from minildm.text import SPECIAL_TOKENS, TextEncoder, TextEncoderConfig, Tokenizer
-from minildm.train import encode_moments, learning_rate, step_generator
+from minildm.train import apply_learning_rate, encode_moments, step_generator
 from minildm.unet import UNet, UNetConfig
 
 CHECKPOINT = "checkpoint"            # the atomic folder inside --out that --resume reads
@@ -371,9 +371,7 @@ class LDMTrainer:
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        lr = learning_rate(cfg, step)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        lr = apply_learning_rate(self.opt, cfg, step)
         self.model.train()
         z0, ids, t, noise = self.batch(step)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
