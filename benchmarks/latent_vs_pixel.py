@@ -84,10 +84,9 @@ from minildm.data import EVAL_SEED, ShapesDataset
 from minildm.device import default_dtype, get_device
 from minildm.metrics import count_objects, evaluate_pipeline
 from minildm.pipeline import LatentDiffusion
-from minildm.pretrained import load_judge
 from minildm.pixel_space import PixelSpace
-from minildm.pretrained import load_vae
-from minildm.text import TextEncoder, Tokenizer
+from minildm.pretrained import load_judge, load_vae
+from minildm.text import Tokenizer
 from minildm.train_ldm import (
     Denoiser,
     LDMTrainConfig,
@@ -97,7 +96,6 @@ from minildm.train_ldm import (
     diffusion_loss,
     model_configs,
 )
-from minildm.unet import UNet
 
 IMAGE_SIZE = 64
 TARGET_RATIO = 25                      # pixel / latent, per training step and per image
@@ -208,7 +206,7 @@ def take_turns(calls: dict[str, object], device: torch.device, repeats: int, bud
 
 def build_denoiser(models: ModelConfigs, device: torch.device) -> Denoiser:
     torch.manual_seed(0)
-    return Denoiser(UNet(models.unet), TextEncoder(models.text_encoder)).to(device)
+    return models.denoiser().to(device)
 
 
 def training_step(models: ModelConfigs, space: str, batch: int, device: torch.device):

@@ -12,18 +12,17 @@ Shapes: an image is (B, 3, H, W) in [-1, 1]; its latent is (B, 4, H/f, W/f), f =
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import config_from_dict, load_state_dict, load_strict, load_weights_into, read_config
+from minildm.checkpoint import (config_from_dict, load_state_dict, load_strict, load_weights_into, read_config,
+                                save_file_atomically)
 
 
 @dataclass
@@ -343,12 +342,9 @@ def save_decoder_file(vae: AutoencoderKL, path) -> None:
     Any model whose encoder produces the same latent space can swap it in (`swap_decoder`): this is what SD's
     "vae-ft-mse" files are for, a better decoder for latents the diffusion model already knows how to make.
     """
-    weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()
-               if k.startswith(("decoder.", "post_quant_conv."))}
+    weights = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
     meta = {"kind": DECODER_FILE_KIND, "config": json.dumps(vae.config.to_dict())}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(weights, tmp, metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
+    save_file_atomically(weights, path, metadata=meta)
 
 
 def swap_decoder(vae: AutoencoderKL, path) -> AutoencoderKL:

@@ -75,6 +75,16 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any]) ->
     return folder
 
 
+def save_file_atomically(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """One safetensors file, written beside `path` and renamed over it: a crash never leaves half a file there."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 def model_files(model: torch.nn.Module, config: Any, extra_files: dict | None = None) -> dict[str, Any]:
     """The files of a model folder: config.json (from a dataclass or dict), model.safetensors, and any extras."""
     config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)

@@ -147,9 +147,12 @@ def frechet_real_baseline(judge: Judge, n: int = 1000, seeds: tuple[int, int] = 
     """
     if n < 2 or seeds[0] == seeds[1]:
         raise ValueError(f"need n >= 2 and two different seeds for disjoint sets, got n={n}, seeds={seeds}")
-    size = judge.config.image_size
-    a, b = (judge_features(judge, ShapesDataset(n, seed=s, image_size=size).images()) for s in seeds)
-    return frechet_distance(a, b)
+    return frechet_distance(real_features(judge, n, seeds[0]), real_features(judge, n, seeds[1]))
+
+
+def real_features(judge: Judge, n: int, seed: int) -> Tensor:
+    """The judge's features of n real Shapes images of `seed`, rendered at the judge's size: (n, F)."""
+    return judge_features(judge, ShapesDataset(n, seed=seed, image_size=judge.config.image_size).images())
 
 
 # ------------------------------------------------------------------------------------------------- a pipeline, scored
@@ -162,17 +165,15 @@ def evaluate_pipeline(pipe, judge: Judge, count: int = 500, seed: int = 0, guida
     next to real vs real (two disjoint real sets of the same size) for scale."""
     if count < 2:
         raise ValueError(f"count must be at least 2 (a covariance needs two images), got {count}")
-    real = ShapesDataset(count, seed=EVAL_SEED, image_size=judge.config.image_size)
-    prompts = real.captions()
+    prompts = ShapesDataset(count, seed=EVAL_SEED).captions()
     w = pipe.guidance_scale if guidance_scale is None else guidance_scale
     images = torch.cat([pipe.text_to_image(prompts[i:i + batch], guidance_scale=w, sampler=sampler, steps=steps,
                                            seed=seed + i) for i in range(0, count, batch)])     # (count, 3, H, W)
-    real_features = judge_features(judge, real.images())
-    other_real = ShapesDataset(count, seed=OTHER_REAL_SEED, image_size=judge.config.image_size).images()
+    real = real_features(judge, count, EVAL_SEED)                                       # the same captions
     return {"count": count, "guidance_scale": w, "steps": steps, "sampler": sampler, "seed": seed,
             "prompt_following": prompt_following(judge, images, prompts),
-            "frechet": frechet_distance(judge_features(judge, images), real_features),
-            "frechet_real": frechet_distance(judge_features(judge, other_real), real_features)}
+            "frechet": frechet_distance(judge_features(judge, images), real),
+            "frechet_real": frechet_distance(real_features(judge, count, OTHER_REAL_SEED), real)}
 
 
 # ------------------------------------------------------------------------------------------------- counting objects

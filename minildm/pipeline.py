@@ -27,7 +27,7 @@ from minildm.autoencoder import AutoencoderKL, swap_decoder
 from minildm.checkpoint import config_from_dict, model_files, write_folder_atomically
 from minildm.device import cpu_generator, default_dtype, get_device, randn
 from minildm.pixel_space import PixelSpace
-from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, img2img_start, make_sampler, sample
+from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, check_strength, img2img_start, make_sampler, sample
 from minildm.schedule import NoiseSchedule
 from minildm.text import SPECIAL_TOKENS, TextEncoder, Tokenizer, split_words, text_encoder_files
 from minildm.unet import UNet
@@ -248,8 +248,7 @@ class LatentDiffusion:
         check_defaults(w, name, steps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+        check_strength(strength)
         prompts = self.check_prompts(prompts)
         negatives = [""] * len(prompts) if negative_prompt is None else self.check_prompts(negative_prompt,
                                                                                            "negative_prompt")
@@ -298,8 +297,6 @@ class LatentDiffusion:
                        callback: Callable[[Step], None] | None = None, output_type: str = "images") -> Tensor:
         """SDEdit: noise the image's latent to strength x the way and denoise it towards the prompt. Strength 0
         gives back the image (through the VAE), strength 1 ignores it (the same as text_to_image, same seed)."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
         image, prompts = self.match_batch(self.check_images(image), prompt)
         z0 = self.encode_images(image)                                                       # (B, C, h, w)
         return self.generate(prompts, image.shape[2], image.shape[3], guidance_scale, sampler, steps, seed,
@@ -313,8 +310,6 @@ class LatentDiffusion:
         """Repaint where mask = 1, keep where mask = 0. The latent's kept region is the image's at every step (noised
         to that step's level) and exactly at the end; `keep_pixels` also pastes the original pixels there, since
         the VAE's round trip blurs them a little."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
         image, prompts = self.match_batch(self.check_images(image), prompt)
         repaint = self.check_mask(mask, image)                                               # (B, 1, h, w)
         z0 = self.encode_images(image)                                                       # (B, C, h, w)

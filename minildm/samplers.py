@@ -486,6 +486,12 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options) 
     return SAMPLERS[name](schedule, num_steps, **options)
 
 
+def check_strength(strength: float) -> None:
+    """img2img's strength is a share of the steps: 0 runs none (the image comes back), 1 runs all (pure noise)."""
+    if not 0.0 <= strength <= 1.0:                                  # NaN fails this too
+        raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+
+
 def img2img_start(sampler: Sampler, z0: Tensor, noise: Tensor, strength: float) -> tuple[int, Tensor]:
     """Where img2img starts: (the index of the first evaluation to run, the latent the loop starts from).
 
@@ -493,8 +499,7 @@ def img2img_start(sampler: Sampler, z0: Tensor, noise: Tensor, strength: float) 
     let the sampler denoise from there; what the noise did not reach (the layout, the colours) survives. Strength 0
     leaves no step to run and returns z_0; strength 1 starts from pure noise, as if there were no image.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
+    check_strength(strength)
     # BEGIN SOLUTION ch08.img2img_start
     if strength == 1.0:
         return 0, noise * sampler.init_noise_sigma                # pure noise at the sampler's starting scale
@@ -517,8 +522,6 @@ def sample(model_fn: ModelFn, noise: Tensor, sampler: Sampler, generator: torch.
     eta > 0, Euler ancestral). `before_step(i, z) -> z` may change z before evaluation i (inpainting puts the
     known region back there).
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
     sampler.reset()
     if init is None:
         start, z = 0, noise * sampler.init_noise_sigma          # the sampler's starting scale

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -38,6 +38,7 @@ from minildm.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_config,
+    save_file_atomically,
     write_folder_atomically,
 )
 from minildm.data import ShapesDataset, to_tensor_batch
@@ -92,6 +93,10 @@ class ModelConfigs:
 
     def to_dict(self) -> dict:
         return {"unet": asdict(self.unet), "text_encoder": asdict(self.text_encoder), "schedule": self.schedule.to_dict()}
+
+    def denoiser(self) -> "Denoiser":
+        """The two networks these configs describe, with fresh random weights."""
+        return Denoiser(UNet(self.unet), TextEncoder(self.text_encoder))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfigs":
@@ -283,7 +288,8 @@ class LDMTrainer:
         self.check_shapes()
         torch.manual_seed(cfg.seed)            # the initial weights: the same on every rank
         self.tokenizer = Tokenizer(max_length=self.models.text_encoder.max_length)
-        self.model = Denoiser(UNet(self.models.unet), TextEncoder(self.models.text_encoder)).to(self.device)
+        self.empty_ids = self.tokenizer.encode("").ids                # (1, L): what a dropped caption becomes
+        self.model = self.models.denoiser().to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
@@ -333,12 +339,9 @@ class LDMTrainer:
         """Encode every training image once; reuse the file on resume. Rank 0 writes it, the others wait and read."""
         path = self.out / LATENT_CACHE
         if self.rank == 0 and not path.exists():
-            moments = encode_moments(self.autoencoder, pixels).cpu().contiguous()
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"moments": moments}, str(tmp), metadata={"vae": str(self.vae_path()),
-                                                                 "data_seed": str(self.cfg.data_seed)})
-            os.replace(tmp, path)
+            save_file_atomically({"moments": encode_moments(self.autoencoder, pixels)}, path,
+                                 metadata={"vae": str(self.vae_path()), "data_seed": str(self.cfg.data_seed)})
         if self.world_size > 1:
             dist.barrier()
         moments = load_file(str(path))["moments"]
@@ -362,7 +365,7 @@ class LDMTrainer:
             z0 = to_tensor_batch(self.z_source[index].numpy()).to(self.device)             # (B, 3, H, W)
         ids = self.ids[index].clone()                                                      # (B, L)
         drop = torch.rand(B, generator=step_generator(seed, step, 2)) < cfg.caption_dropout
-        ids[drop] = self.tokenizer.encode("").ids                                          # "" for dropped captions
+        ids[drop] = self.empty_ids                                                         # "" for dropped captions
         t = torch.randint(self.models.schedule.num_timesteps, (B,), generator=step_generator(seed, step, 3))
         noise = torch.randn(z0.shape, generator=step_generator(seed, step, 4))
         return z0, ids.to(self.device), t.to(self.device), noise.to(self.device)
@@ -475,8 +478,7 @@ class LDMTrainer:
 
     def ema_denoiser(self) -> Denoiser:
         """A copy of the denoiser holding the EMA weights, in eval mode: the model we sample from and ship."""
-        model = Denoiser(UNet(self.models.unet), TextEncoder(self.models.text_encoder)).to(self.device)
-        return self.ema.copy_to(model).eval()
+        return self.ema.copy_to(self.models.denoiser().to(self.device)).eval()
 
     def write_sample_grid(self) -> Path:
         """A grid of SAMPLE_PROMPTS (rows) x 4 seeds, from the EMA weights, in --out/samples/."""
@@ -504,7 +506,7 @@ def export_pipeline(run_folder: str | Path, export_to: str | Path, notes: dict, 
     folder, export_to = Path(run_folder) / CHECKPOINT, Path(export_to)
     config = read_config(folder)
     models = ModelConfigs.from_dict(config)
-    model = Denoiser(UNet(models.unet), TextEncoder(models.text_encoder))
+    model = models.denoiser()
     model.load_state_dict(load_file(str(folder / "ema.safetensors")))
     latent = config["space"] == "latent"
     autoencoder = load_vae_folder(config["vae"], "cpu") if latent else PixelSpace(config["image_size"])
