@@ -122,9 +122,9 @@ def recipes(pixel_recipe: str) -> dict[str, tuple[str, ModelConfigs]]:
 def describe(name: str, space: str, models: ModelConfigs) -> str:
     u = models.unet
     side = IMAGE_SIZE // (8 if space == "latent" else 1)
-    sides = [side // 2**i for i in range(len(u.block_channels))]
+    sides = [side // 2**i for i in range(len(u.block_out_channels))]
     attends = [f"{s}x{s}" for s, a in zip(sides, u.attention_levels) if a]
-    return (f"{name}: z_0 {u.in_channels}x{side}x{side}; U-Net channels {u.block_channels} at "
+    return (f"{name}: z_0 {u.in_channels}x{side}x{side}; U-Net channels {u.block_out_channels} at "
             f"{' -> '.join(f'{s}x{s}' for s in sides)}, attention at {', '.join(attends) or 'none'} "
             f"(+ the middle), {u.level_heads[0]} heads")
 

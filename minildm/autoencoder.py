@@ -130,7 +130,7 @@ class ResBlock(nn.Module):
         # END SOLUTION
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     """Halve H and W with a stride-2 3x3 conv. Padding only right and bottom (as SD does) keeps the grid aligned."""
 
     def __init__(self, channels: int):
@@ -175,7 +175,7 @@ class SelfAttention(MultiHeadAttention):
         return rearrange(h, "b (h w) c -> b c h w", h=height, w=width) + x
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """ResBlock -> attention -> ResBlock at the lowest resolution."""
 
     def __init__(self, channels: int, groups: int, use_attention: bool):
@@ -188,7 +188,7 @@ class MidBlock(nn.Module):
         return self.res2(self.attn(self.res1(x)))
 
 
-class Level(nn.Module):
+class VAELevel(nn.Module):
     """One resolution of the encoder or decoder: some ResBlocks, then an optional resample."""
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, resample: nn.Module | None):
@@ -215,8 +215,8 @@ class Encoder(nn.Module):
         for i, out_ch in enumerate(chans):
             is_last = i == len(chans) - 1
             in_ch = chans[max(i - 1, 0)]
-            self.down.append(Level(in_ch, out_ch, config.layers_per_block, groups, None if is_last else Downsample(out_ch)))
-        self.mid = MidBlock(chans[-1], groups, config.mid_block_attention)
+            self.down.append(VAELevel(in_ch, out_ch, config.layers_per_block, groups, None if is_last else VAEDownsample(out_ch)))
+        self.mid = VAEMidBlock(chans[-1], groups, config.mid_block_attention)
         self.norm_out = group_norm(chans[-1], groups)
         self.conv_out = nn.Conv2d(chans[-1], 2 * config.latent_channels, 3, padding=1)
 
@@ -235,12 +235,12 @@ class Decoder(nn.Module):
         super().__init__()
         chans, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, chans[0], 3, padding=1)
-        self.mid = MidBlock(chans[0], groups, config.mid_block_attention)
+        self.mid = VAEMidBlock(chans[0], groups, config.mid_block_attention)
         self.up = nn.ModuleList()
         for i, out_ch in enumerate(chans):
             is_last = i == len(chans) - 1
             in_ch = chans[max(i - 1, 0)]
-            self.up.append(Level(in_ch, out_ch, config.layers_per_block + 1, groups, None if is_last else Upsample(out_ch)))
+            self.up.append(VAELevel(in_ch, out_ch, config.layers_per_block + 1, groups, None if is_last else Upsample(out_ch)))
         self.norm_out = group_norm(chans[-1], groups)
         self.conv_out = nn.Conv2d(chans[-1], config.out_channels, 3, padding=1)
 

@@ -146,7 +146,7 @@ def cmd_sample(args) -> int:
 
 
 def train_config_from_args(args):
-    from minildm.train import VAETrainConfig
+    from minildm.train_vae import VAETrainConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(VAETrainConfig) if getattr(args, f.name, None) is not None}
     return VAETrainConfig(**values)
@@ -156,7 +156,7 @@ def cmd_train_vae(args) -> int:
     import torch
 
     from minildm.autoencoder import AutoencoderConfig
-    from minildm.train import VAETrainer, export_model
+    from minildm.train_vae import VAETrainer, export_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +164,7 @@ def cmd_train_vae(args) -> int:
     model_config = None
     if args.channels:
         model_config = AutoencoderConfig(block_out_channels=tuple(int(c) for c in args.channels.split(",")),
-                                         layers_per_block=args.layers_per_block, norm_num_groups=args.norm_groups,
+                                         layers_per_block=args.layers_per_block, norm_num_groups=args.norm_num_groups,
                                          scale_factor=1.0)
     start = time.time()
     trainer = VAETrainer(cfg, args.out, model_config, resume=args.resume, device=args.device)
@@ -190,7 +190,7 @@ def cmd_train_ldm(args) -> int:
     cfg = LDMTrainConfig(**values)
     models = model_configs(cfg.space, channels=args.channels, attention=args.attention, heads=args.heads,
                            layers_per_block=args.layers_per_block, text_dim=args.text_dim, text_depth=args.text_depth,
-                           norm_groups=args.norm_groups, prediction_type=cfg.prediction_type)
+                           norm_num_groups=args.norm_num_groups, prediction_type=cfg.prediction_type)
     start = time.time()
     trainer = LDMTrainer(cfg, args.out, models, resume=args.resume, device=args.device)
     summary = trainer.run(stop_after=args.stop_after)
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="freeze this VAE's encoder, train its decoder, write decoder.safetensors (a VAE file)")
     tv.add_argument("--channels", help="block_out_channels, e.g. 32,64,128,128 (default: the shapes64 VAE, 16,32,64,64)")
     tv.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
-    tv.add_argument("--norm-groups", dest="norm_groups", type=int, default=8)
+    tv.add_argument("--norm-groups", dest="norm_num_groups", type=int, default=8)
     tv.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_device(tv)
     tv.set_defaults(func=cmd_train_vae)
@@ -331,11 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--save-every", dest="save_every", type=int)
     tl.add_argument("--sample-every", dest="sample_every", type=int, help="write a sample grid every N steps (0: never)")
     tl.add_argument("--log-every", dest="log_every", type=int, help="record the mean loss every N steps (default 25)")
-    tl.add_argument("--channels", help="U-Net block_channels (default 32,64: the shipped model's)")
+    tl.add_argument("--channels", help="U-Net block_out_channels (default 32,64: the shipped model's)")
     tl.add_argument("--attention", help="which levels attend, e.g. 1,1 (default: all)")
     tl.add_argument("--heads", type=int, default=4)
     tl.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
-    tl.add_argument("--norm-groups", dest="norm_groups", type=int, default=8)
+    tl.add_argument("--norm-groups", dest="norm_num_groups", type=int, default=8)
     tl.add_argument("--text-dim", dest="text_dim", type=int, default=64, help="text encoder width = U-Net context_dim")
     tl.add_argument("--text-depth", dest="text_depth", type=int, default=2)
     tl.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

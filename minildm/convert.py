@@ -248,10 +248,10 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
     heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
     return UNetConfig(
         in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
-        block_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
+        block_out_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
         layers_per_block=one_for_all_levels("layers_per_block", 2), attention_levels=attention, mid_attention=True,
         heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads, transformer_depth=depth,
-        context_dim=one_for_all_levels("cross_attention_dim", 1280), norm_groups=config.get("norm_num_groups", 32),
+        context_dim=one_for_all_levels("cross_attention_dim", 1280), norm_num_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5), use_linear_projection=config.get("use_linear_projection", False),
         dropout=config.get("dropout", 0.0), flip_sin_to_cos=config.get("flip_sin_to_cos", True),
         freq_shift=config.get("freq_shift", 0))

@@ -37,7 +37,7 @@ SWAP_VAE = VAES["shapes64"]                         # decoder.safetensors there 
 # --train: the shipped pipeline's recipe (train_ldm.py defaults) cut from 12,000 steps to 3,000, about 15 minutes
 # on a quiet 2-core CPU (assets/shapes64-ldm/README.md: what fewer steps cost in prompt-following)
 TRAIN_CONFIG = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "save_every": 250, "sample_every": 0}
-TRAIN_MODELS = {"channels": "32,64", "norm_groups": 8}
+TRAIN_MODELS = {"channels": "32,64", "norm_num_groups": 8}
 SHIPPED_SAMPLING = {"guidance_scale": 4.0, "steps": 25}      # the shipped pipeline.json's defaults
 
 

@@ -47,7 +47,7 @@ from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_vae_folder, vae_folder
 from minildm.schedule import NoiseSchedule
 from minildm.text import SPECIAL_TOKENS, TextEncoder, TextEncoderConfig, Tokenizer
-from minildm.train import apply_learning_rate, encode_moments, step_generator
+from minildm.train_vae import apply_learning_rate, encode_moments, step_generator
 from minildm.unet import UNet, UNetConfig
 
 CHECKPOINT = "checkpoint"            # the atomic folder inside --out that --resume reads
@@ -85,8 +85,8 @@ class ModelConfigs:
     """The two networks training builds: the U-Net and the text encoder it reads, plus the noise schedule."""
 
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        block_channels=(32, 64), attention_levels=(True, True), layers_per_block=1, heads=4, context_dim=64,
-        norm_groups=8))
+        block_out_channels=(32, 64), attention_levels=(True, True), layers_per_block=1, heads=4, context_dim=64,
+        norm_num_groups=8))
     text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(
         vocab_size=Tokenizer().vocab_size, dim=64, depth=2, heads=4))
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
@@ -114,17 +114,17 @@ def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
 
 
 def model_configs(space: str = "latent", channels: str | None = None, attention: str | None = None, heads: int = 4,
-                  layers_per_block: int = 1, text_dim: int = 64, text_depth: int = 2, norm_groups: int = 8,
+                  layers_per_block: int = 1, text_dim: int = 64, text_depth: int = 2, norm_num_groups: int = 8,
                   prediction_type: str = "epsilon") -> ModelConfigs:
     """The networks for `space`: 4 channels in and out for latents, 3 for pixels; the rest is one recipe."""
-    block_channels = parse_ints(channels, "channels") or (32, 64)
-    attends = parse_ints(attention, "attention") or (1,) * len(block_channels)
-    if len(attends) != len(block_channels):
-        raise ValueError(f"--attention has {len(attends)} entries for {len(block_channels)} levels; give one 0/1 each")
+    block_out_channels = parse_ints(channels, "channels") or (32, 64)
+    attends = parse_ints(attention, "attention") or (1,) * len(block_out_channels)
+    if len(attends) != len(block_out_channels):
+        raise ValueError(f"--attention has {len(attends)} entries for {len(block_out_channels)} levels; give one 0/1 each")
     latent_channels = 4 if space == "latent" else 3
-    unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_channels=block_channels,
+    unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=block_out_channels,
                       attention_levels=tuple(bool(a) for a in attends), layers_per_block=layers_per_block,
-                      heads=heads, context_dim=text_dim, norm_groups=norm_groups)
+                      heads=heads, context_dim=text_dim, norm_num_groups=norm_num_groups)
     text = TextEncoderConfig(vocab_size=Tokenizer().vocab_size, dim=text_dim, depth=text_depth, heads=heads)
     return ModelConfigs(unet, text, NoiseSchedule(prediction_type=prediction_type))
 
@@ -312,7 +312,7 @@ class LDMTrainer:
             raise ValueError(f"the U-Net takes {unet.in_channels} channels but the {self.cfg.space} space has "
                              f"{c.latent_channels}; set in_channels = out_channels = {c.latent_channels}")
         if side % unet.downsampling_factor:
-            raise ValueError(f"the {side}x{side} {self.cfg.space}s do not halve {len(unet.block_channels) - 1} times; "
+            raise ValueError(f"the {side}x{side} {self.cfg.space}s do not halve {len(unet.block_out_channels) - 1} times; "
                              "use fewer U-Net levels or a larger --image-size")
         if unet.context_dim != self.models.text_encoder.dim:
             raise ValueError(f"the U-Net reads context_dim={unet.context_dim} but the text encoder gives "

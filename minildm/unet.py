@@ -29,14 +29,14 @@ class UNetConfig:
 
     in_channels: int = 4                                       # latent channels in ...
     out_channels: int = 4                                      # ... and eps_hat channels out
-    block_channels: tuple[int, ...] = (320, 640, 1280, 1280)   # one entry per resolution level
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)   # one entry per resolution level
     layers_per_block: int = 2                                  # ResBlocks per down level (up levels have one more)
     attention_levels: tuple[bool, ...] = (True, True, True, False)   # which levels have SpatialTransformers
     mid_attention: bool | None = None                          # the middle's; None: if any level attends (SD: yes)
     heads: int | tuple[int, ...] = 8                           # attention heads, for all levels or per level
     transformer_depth: int = 1                                 # transformer blocks per SpatialTransformer
     context_dim: int = 768                                     # D of the prompt's token embeddings (CLIP ViT-L: 768)
-    norm_groups: int = 32
+    norm_num_groups: int = 32
     norm_eps: float = 1e-5
     use_linear_projection: bool = False                        # SD 2: Linear proj_in/out; SD 1: 1x1 convs
     dropout: float = 0.0
@@ -45,35 +45,35 @@ class UNetConfig:
     freq_shift: float = 0.0                                    # diffusers' downscale_freq_shift (SD: 0)
 
     def __post_init__(self):
-        self.block_channels = tuple(self.block_channels)
+        self.block_out_channels = tuple(self.block_out_channels)
         self.attention_levels = tuple(self.attention_levels)
         if self.mid_attention is None:
             self.mid_attention = any(self.attention_levels)
         self.heads = tuple(self.heads) if isinstance(self.heads, (list, tuple)) else self.heads
-        levels = len(self.block_channels)
+        levels = len(self.block_out_channels)
         if len(self.attention_levels) != levels:
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for {levels} levels "
-                             f"(block_channels={self.block_channels}); give one True/False per level")
-        for channels, heads in zip(self.block_channels, self.level_heads):
-            if channels % heads or channels % self.norm_groups:
-                raise ValueError(f"{channels} channels do not split into {heads} heads and {self.norm_groups} "
+                             f"(block_out_channels={self.block_out_channels}); give one True/False per level")
+        for channels, heads in zip(self.block_out_channels, self.level_heads):
+            if channels % heads or channels % self.norm_num_groups:
+                raise ValueError(f"{channels} channels do not split into {heads} heads and {self.norm_num_groups} "
                                  "groups; use channel counts divisible by both")
 
     @property
     def level_heads(self) -> tuple[int, ...]:
-        heads = self.heads if isinstance(self.heads, tuple) else (self.heads,) * len(self.block_channels)
-        if len(heads) != len(self.block_channels):
-            raise ValueError(f"heads has {len(heads)} entries for {len(self.block_channels)} levels")
+        heads = self.heads if isinstance(self.heads, tuple) else (self.heads,) * len(self.block_out_channels)
+        if len(heads) != len(self.block_out_channels):
+            raise ValueError(f"heads has {len(heads)} entries for {len(self.block_out_channels)} levels")
         return heads
 
     @property
     def downsampling_factor(self) -> int:
         """Latent sides must be multiples of this: each level but the last halves them."""
-        return 2 ** (len(self.block_channels) - 1)
+        return 2 ** (len(self.block_out_channels) - 1)
 
     @property
     def time_dim(self) -> int:
-        return 4 * self.block_channels[0]                      # SD: 1280
+        return 4 * self.block_out_channels[0]                      # SD: 1280
 
 
 # ----------------------------------------------------------------------------------------- the timestep
@@ -192,7 +192,7 @@ class SpatialTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------- the levels
 
-class Downsample(nn.Module):
+class UNetDownsample(nn.Module):
     """Halve H and W with a stride-2 3x3 conv (padding 1 on every side, unlike the VAE's)."""
 
     def __init__(self, channels: int):
@@ -203,7 +203,7 @@ class Downsample(nn.Module):
         return self.conv(x)                                                        # (B, C, H/2, W/2)
 
 
-class Level(nn.Module):
+class UNetLevel(nn.Module):
     """One resolution of the U: ResBlocks, each followed by a SpatialTransformer if the level attends, then a
     resample (down or up) unless it is the last level of its path."""
 
@@ -211,10 +211,10 @@ class Level(nn.Module):
                  resample: nn.Module | None):
         super().__init__()
         c = config
-        self.res = nn.ModuleList([TimestepResBlock(i, out_channels, c.time_dim, c.norm_groups, c.norm_eps, c.dropout)
+        self.res = nn.ModuleList([TimestepResBlock(i, out_channels, c.time_dim, c.norm_num_groups, c.norm_eps, c.dropout)
                                   for i in in_channels])
         self.attn = nn.ModuleList([SpatialTransformer(out_channels, heads, c.context_dim, c.transformer_depth,
-                                                      c.norm_groups, c.use_linear_projection)
+                                                      c.norm_num_groups, c.use_linear_projection)
                                    for _ in in_channels]) if attend else None
         self.resample = resample
 
@@ -223,16 +223,16 @@ class Level(nn.Module):
         return self.attn[i](h, context) if self.attn is not None else h
 
 
-class MidBlock(nn.Module):
+class UNetMidBlock(nn.Module):
     """ResBlock -> SpatialTransformer -> ResBlock at the smallest resolution, where attention is cheapest."""
 
     def __init__(self, channels: int, config: UNetConfig, heads: int):
         super().__init__()
         c = config
-        self.res1 = TimestepResBlock(channels, channels, c.time_dim, c.norm_groups, c.norm_eps, c.dropout)
-        self.attn = SpatialTransformer(channels, heads, c.context_dim, c.transformer_depth, c.norm_groups,
+        self.res1 = TimestepResBlock(channels, channels, c.time_dim, c.norm_num_groups, c.norm_eps, c.dropout)
+        self.attn = SpatialTransformer(channels, heads, c.context_dim, c.transformer_depth, c.norm_num_groups,
                                        c.use_linear_projection) if c.mid_attention else None
-        self.res2 = TimestepResBlock(channels, channels, c.time_dim, c.norm_groups, c.norm_eps, c.dropout)
+        self.res2 = TimestepResBlock(channels, channels, c.time_dim, c.norm_num_groups, c.norm_eps, c.dropout)
 
     def forward(self, h: Tensor, time: Tensor, context: Tensor) -> Tensor:
         h = self.res1(h, time)
@@ -247,7 +247,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         self.config = c = config or UNetConfig()
-        chans, heads, levels = c.block_channels, c.level_heads, len(c.block_channels)
+        chans, heads, levels = c.block_out_channels, c.level_heads, len(c.block_out_channels)
         self.time_mlp = nn.Sequential(nn.Linear(chans[0], c.time_dim), nn.SiLU(), nn.Linear(c.time_dim, c.time_dim))
         self.conv_in = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
 
@@ -257,9 +257,9 @@ class UNet(nn.Module):
         for i, out in enumerate(chans):
             last = i == levels - 1
             ins = [chans[max(i - 1, 0)]] + [out] * (c.layers_per_block - 1)
-            self.down.append(Level(ins, out, c, heads[i], c.attention_levels[i], None if last else Downsample(out)))
+            self.down.append(UNetLevel(ins, out, c, heads[i], c.attention_levels[i], None if last else UNetDownsample(out)))
             skips += [out] * (c.layers_per_block + (0 if last else 1))
-        self.mid = MidBlock(chans[-1], c, heads[-1])
+        self.mid = UNetMidBlock(chans[-1], c, heads[-1])
 
         # up: mirror image, one more ResBlock per level, each reading its input concatenated with a skip
         self.up = nn.ModuleList()
@@ -267,10 +267,10 @@ class UNet(nn.Module):
         for i, out in enumerate(reversed(chans)):
             level = levels - 1 - i
             ins = [(previous if j == 0 else out) + skips.pop() for j in range(c.layers_per_block + 1)]
-            self.up.append(Level(ins, out, c, heads[level], c.attention_levels[level],
+            self.up.append(UNetLevel(ins, out, c, heads[level], c.attention_levels[level],
                                  Upsample(out) if level > 0 else None))
             previous = out
-        self.norm_out = group_norm(chans[0], c.norm_groups, c.norm_eps)
+        self.norm_out = group_norm(chans[0], c.norm_num_groups, c.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, 3, padding=1)
 
     def check_inputs(self, zt: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
@@ -282,7 +282,7 @@ class UNet(nn.Module):
         if zt.shape[2] % f or zt.shape[3] % f:
             fit = "x".join(str(max(f, round(side / f) * f)) for side in zt.shape[2:])
             raise ValueError(f"latent size {zt.shape[2]}x{zt.shape[3]} is not a multiple of {f} (the U-Net halves it "
-                             f"{len(c.block_channels) - 1} times); use {fit}")
+                             f"{len(c.block_out_channels) - 1} times); use {fit}")
         if any(c.attention_levels) or c.mid_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != c.context_dim:
                 got = "None" if context is None else f"shape {tuple(context.shape)}"
@@ -303,7 +303,7 @@ class UNet(nn.Module):
         t = self.check_inputs(zt, t, context)
         c = self.config
         # the timestep as a vector every ResBlock hears: sinusoids (float32) -> MLP
-        emb = timestep_embedding(t, c.block_channels[0], c.flip_sin_to_cos, c.freq_shift).to(zt.dtype)
+        emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(zt.dtype)
         time = self.time_mlp(emb)                                                  # (B, time_dim)
 
         h = self.conv_in(zt)                                                       # (B, C_0, h, w)

@@ -43,8 +43,8 @@ def tiny_pipe() -> LatentDiffusion:
     tokenizer = Tokenizer()
     vae = tiny_vae()
     torch.manual_seed(1)
-    unet = UNet(UNetConfig(block_channels=(32, 64), attention_levels=(False, True), heads=2, context_dim=32,
-                           norm_groups=8, layers_per_block=1, num_timesteps=100))
+    unet = UNet(UNetConfig(block_out_channels=(32, 64), attention_levels=(False, True), heads=2, context_dim=32,
+                           norm_num_groups=8, layers_per_block=1, num_timesteps=100))
     text_encoder = TextEncoder(TextEncoderConfig(vocab_size=tokenizer.vocab_size, dim=32, depth=1, heads=2))
     return LatentDiffusion(vae, unet, text_encoder, tokenizer, NoiseSchedule(num_timesteps=100), device="cpu",
                            steps=2)
@@ -122,7 +122,7 @@ def test_the_decoder_file_is_swapped_only_into_the_vae_it_was_made_for(folders, 
 def test_train_pipeline_trains_exports_and_resumes_a_finished_run(folders, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "TRAIN_CONFIG", {"steps": 2, "batch_size": 4, "num_train_images": 8, "save_every": 2,
                                                "sample_every": 0, "log_every": 1, "vae": str(folders / "vae")})
-    monkeypatch.setattr(demo, "TRAIN_MODELS", {"channels": "32,64", "norm_groups": 8, "text_dim": 32,
+    monkeypatch.setattr(demo, "TRAIN_MODELS", {"channels": "32,64", "norm_num_groups": 8, "text_dim": 32,
                                                "text_depth": 1, "heads": 2})
     exported = demo.train_pipeline(tmp_path, device="cpu")
     printed = capsys.readouterr().out

@@ -245,7 +245,7 @@ def test_a_student_with_two_tasks_solved_one_wrong_one_hanging_and_one_broken_fi
 
     scale = by_id["ch02.scale_factor"]
     assert scale.status == "does not import" and scale.earned == 0 and scale.possible > 0
-    assert "minildm/train.py:" in scale.note and "SyntaxError" in scale.note
+    assert "minildm/train_vae.py:" in scale.note and "SyntaxError" in scale.note
 
     table = report.table()
     assert "Score " in table and "timed out" in table

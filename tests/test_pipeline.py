@@ -32,8 +32,8 @@ def tiny_pipe(seed: int = 0, **defaults) -> LatentDiffusion:
     tokenizer = Tokenizer()
     vae = tiny_vae(seed)
     torch.manual_seed(seed + 1)
-    unet = UNet(UNetConfig(block_channels=(32, 64), attention_levels=(False, True), heads=2, context_dim=32,
-                           norm_groups=8, layers_per_block=1, num_timesteps=100))
+    unet = UNet(UNetConfig(block_out_channels=(32, 64), attention_levels=(False, True), heads=2, context_dim=32,
+                           norm_num_groups=8, layers_per_block=1, num_timesteps=100))
     text_encoder = TextEncoder(TextEncoderConfig(vocab_size=tokenizer.vocab_size, dim=32, depth=1, heads=2))
     schedule = NoiseSchedule(num_timesteps=100)
     return LatentDiffusion(vae, unet, text_encoder, tokenizer, schedule, device="cpu",
@@ -164,8 +164,8 @@ def test_inpaint_keeps_the_unmasked_latent_exactly_and_repaints_the_rest(pipe):
 
 def test_a_pixel_space_pipeline_runs_saves_and_loads_with_its_identity_autoencoder(pipe, tmp_path):
     torch.manual_seed(0)
-    unet = UNet(UNetConfig(in_channels=3, out_channels=3, block_channels=(32, 64), attention_levels=(False, True),
-                           heads=2, context_dim=32, norm_groups=8, layers_per_block=1, num_timesteps=100))
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64), attention_levels=(False, True),
+                           heads=2, context_dim=32, norm_num_groups=8, layers_per_block=1, num_timesteps=100))
     pixels = LatentDiffusion(PixelSpace(), unet, pipe.text_encoder, pipe.tokenizer, pipe.schedule, steps=3)
     x = pixels.text_to_image("a red circle", height=8, width=8)
     assert x.shape == (1, 3, 8, 8) and pixels.space == "pixel"

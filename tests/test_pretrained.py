@@ -10,7 +10,7 @@ import torch
 from minildm.autoencoder import latent_shape, swap_decoder
 from minildm.data import ShapesDataset
 from minildm.pretrained import VAES, load_vae, vae_folder
-from minildm.train import evaluate_psnr
+from minildm.train_vae import evaluate_psnr
 
 FRESH_SEED = 31337  # neither the training seed (0) nor the seed the training summary evaluated on (2024)
 FOLDER = VAES["shapes64"]

@@ -27,7 +27,7 @@ from minildm.train_ldm import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(channels="16,32", norm_groups=8, heads=2, text_dim=32, text_depth=1)
+TINY = dict(channels="16,32", norm_num_groups=8, heads=2, text_dim=32, text_depth=1)
 
 
 def tiny_config(**changes) -> LDMTrainConfig:

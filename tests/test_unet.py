@@ -14,7 +14,7 @@ import torch
 from minildm.unet import UNet, UNetConfig, timestep_embedding
 
 # two levels (f = 2), attention at both, 2 heads of 8 and 16 channels, prompts of D = 8
-TINY = dict(block_channels=(16, 32), attention_levels=(True, True), layers_per_block=1, norm_groups=8, heads=2,
+TINY = dict(block_out_channels=(16, 32), attention_levels=(True, True), layers_per_block=1, norm_num_groups=8, heads=2,
             context_dim=8)
 
 
@@ -57,7 +57,7 @@ def assert_differ(a: torch.Tensor, b: torch.Tensor, what: str, at_least: float =
     "changes, batch, height, width",
     [
         ({}, 2, 8, 8),                                                             # attention at both levels
-        (dict(block_channels=(16, 32, 32), attention_levels=(False, True, True), heads=(2, 4, 4)), 1, 8, 12),
+        (dict(block_out_channels=(16, 32, 32), attention_levels=(False, True, True), heads=(2, 4, 4)), 1, 8, 12),
         (dict(layers_per_block=2, transformer_depth=2, use_linear_projection=True), 3, 4, 6),
         (dict(attention_levels=(True, False)), 2, 6, 2),                            # SD 1's pattern: none at the last
     ],
@@ -172,7 +172,7 @@ def test_fractional_timesteps_are_accepted_and_answer_differently_from_their_int
 
 def skip_channels(model: UNet) -> list[int]:
     """The channels of the activations the way down leaves behind, in the order the way up reads them."""
-    chans, levels = model.config.block_channels, len(model.config.block_channels)
+    chans, levels = model.config.block_out_channels, len(model.config.block_out_channels)
     skips = [chans[0]]
     for i, out in enumerate(chans):
         skips += [out] * (model.config.layers_per_block + (0 if i == levels - 1 else 1))
@@ -181,7 +181,7 @@ def skip_channels(model: UNet) -> list[int]:
 
 def test_every_skip_connection_changes_the_answer():
     # zero the skip half of each up ResBlock's concatenated input in turn: each must reach eps_hat
-    model = tiny_unet(block_channels=(16, 32, 32), attention_levels=(False, True, True), heads=2)
+    model = tiny_unet(block_out_channels=(16, 32, 32), attention_levels=(False, True, True), heads=2)
     zt, context = inputs()
     t = torch.tensor([100, 700])
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_every_skip_connection_changes_the_answer():
 
 
 def test_training_step_gives_every_parameter_a_finite_nonzero_gradient():
-    model = tiny_unet(block_channels=(16, 32, 32), attention_levels=(True, False, True), transformer_depth=2).train()
+    model = tiny_unet(block_out_channels=(16, 32, 32), attention_levels=(True, False, True), transformer_depth=2).train()
     zt, context = inputs()
     target = torch.randn_like(zt, generator=torch.Generator().manual_seed(2))
     loss = torch.nn.functional.mse_loss(model(zt, torch.tensor([3, 900]), context), target)
@@ -293,7 +293,7 @@ def test_bad_input_is_a_one_line_value_error_that_says_what_was_given(what):
 
 
 def test_the_suggested_latent_size_is_a_multiple_of_the_downsampling_and_close():
-    model = tiny_unet(block_channels=(8, 8, 8, 8), attention_levels=(False, False, False, True))     # f = 8
+    model = tiny_unet(block_out_channels=(8, 8, 8, 8), attention_levels=(False, False, False, True))     # f = 8
     zt, context = inputs(batch=1, height=14, width=21)
     with pytest.raises(ValueError, match="not a multiple of 8") as err:
         model(zt, 1, context)
@@ -312,8 +312,8 @@ def test_the_suggested_latent_size_is_a_multiple_of_the_downsampling_and_close()
         (dict(heads=(2, 2, 2)), r"heads has 3 entries for 2 levels"),
         (dict(heads=3), r"16 channels do not split into 3 heads and 8 groups"),
         (dict(heads=(2, 5)), r"32 channels do not split into 5 heads"),
-        (dict(block_channels=(16, 20)), r"20 channels do not split into 2 heads and 8 groups"),
-        (dict(norm_groups=6), r"16 channels do not split into 2 heads and 6 groups"),
+        (dict(block_out_channels=(16, 20)), r"20 channels do not split into 2 heads and 8 groups"),
+        (dict(norm_num_groups=6), r"16 channels do not split into 2 heads and 6 groups"),
     ],
     ids=["attention_levels_3_for_2", "heads_3_for_2", "heads_3_of_16", "heads_5_of_32", "groups_8_of_20",
          "groups_6_of_16"],

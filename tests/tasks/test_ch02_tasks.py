@@ -19,7 +19,7 @@ from torch import nn
 from minildm.autoencoder import DiagonalGaussian, ResBlock
 from minildm.data import to_tensor_batch
 from minildm.metrics import psnr
-from minildm.train import measure_scale_factor, step_generator
+from minildm.train_vae import measure_scale_factor, step_generator
 
 PSNR = "ch02.psnr"
 RESBLOCK = "ch02.resblock"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file, swap_decoder
 from minildm.checkpoint import load_weights_into, read_config
 from minildm.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
-from minildm.train import VAETrainConfig, VAETrainer, export_model, learning_rate, measure_scale_factor
+from minildm.train_vae import VAETrainConfig, VAETrainer, export_model, learning_rate, measure_scale_factor
 
 TINY = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scale_factor=1.0)
 
@@ -152,7 +152,7 @@ def test_finetuning_the_decoder_freezes_the_encoder_and_writes_a_swappable_vae_f
     tuned = tmp_path / "tuned"
     cfg = tiny_cfg(steps=6, finetune_decoder=str(base), recon_loss="mse")
     summary = VAETrainer(cfg, tuned, progress=False).run()
-    from minildm.train import evaluate_psnr, held_out_images
+    from minildm.train_vae import evaluate_psnr, held_out_images
 
     base_psnr = evaluate_psnr(AutoencoderKL.from_folder(base), held_out_images(cfg))
     assert summary["heldout_psnr_before"] == pytest.approx(base_psnr, abs=1e-3)
@@ -217,7 +217,7 @@ def test_training_on_an_image_folder_keeps_every_tenth_image_out_and_measures_ps
     import numpy as np
     from PIL import Image
 
-    from minildm.train import held_out_images, training_pixels
+    from minildm.train_vae import held_out_images, training_pixels
 
     folder = tmp_path / "images"
     folder.mkdir()
