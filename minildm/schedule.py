@@ -184,6 +184,14 @@ class NoiseSchedule:
         # eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) z_t
         return a * v + b * zt
 
+    def training_target(self, z0: Tensor, eps: Tensor, t) -> Tensor:
+        """What the network is asked to output: eps, z_0 or v (Salimans & Ho 2022), as `prediction_type` says."""
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "sample":
+            return z0
+        return self.v_target(z0, eps, t)
+
     def predict_z0_and_eps(self, zt: Tensor, output: Tensor, t) -> tuple[Tensor, Tensor]:
         """(z0_hat, eps_hat) from the model's output, whatever it predicts (`prediction_type`)."""
         if self.prediction_type == "epsilon":

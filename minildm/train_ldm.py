@@ -144,15 +144,6 @@ class Denoiser(nn.Module):
         return self.unet(zt, t, self.text_encoder(ids))                   # (B, C, h, w)
 
 
-def training_target(schedule: NoiseSchedule, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """What the network is asked to output: eps, z_0 or v (Salimans & Ho 2022), as the schedule says."""
-    if schedule.prediction_type == "epsilon":
-        return noise
-    if schedule.prediction_type == "sample":
-        return z0
-    return schedule.v_target(z0, noise, t)
-
-
 def diffusion_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: Tensor, noise: Tensor,
                    ids: Tensor) -> Tensor:
     """The loss of one training step: L = E || target - model(z_t, t, c) ||^2, the "simple" loss of Ho et al. (2020).
@@ -164,7 +155,7 @@ def diffusion_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: 
     # z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps
     zt = schedule.q_sample(z0, t, noise)                                  # (B, C, h, w)
     output = denoiser(zt, t, ids)                                         # (B, C, h, w)
-    target = training_target(schedule, z0, noise, t)                      # (B, C, h, w)
+    target = schedule.training_target(z0, noise, t)                       # (B, C, h, w)
     # L = mean over batch and elements of (target - output)^2, in float32 even under autocast
     return F.mse_loss(output.float(), target.float())
     # END SOLUTION

@@ -22,7 +22,6 @@ from minildm.train_ldm import (
     diffusion_loss,
     export_pipeline,
     model_configs,
-    training_target,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +79,7 @@ def test_a_denoiser_that_knows_the_answer_has_zero_loss_and_a_wrong_scale_does_n
     assert diffusion_loss(model, schedule, z0, t, noise, None).item() < 1e-10
     with torch.no_grad():
         model.scale.fill_(1.5)                        # output 1.5 x target: loss = 0.25 * mean(target^2)
-    target = training_target(schedule, z0, noise, t)
+    target = schedule.training_target(z0, noise, t)
     loss = diffusion_loss(model, schedule, z0, t, noise, None)
     torch.testing.assert_close(loss, 0.25 * target.pow(2).mean(), rtol=1e-4, atol=0)
     loss.backward()
@@ -91,7 +90,7 @@ def test_the_v_target_is_sqrt_ab_eps_minus_sqrt_one_minus_ab_z0():
     schedule = NoiseSchedule(prediction_type="v_prediction")
     z0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([5, 500, 995])
     ab = schedule.alpha_bar[t].view(-1, 1, 1, 1).float()
-    torch.testing.assert_close(training_target(schedule, z0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * z0)
+    torch.testing.assert_close(schedule.training_target(z0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * z0)
 
 
 def test_autocast_is_off_on_the_cpu_by_default_and_bad_names_are_refused():

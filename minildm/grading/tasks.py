@@ -110,7 +110,7 @@ TASKS: dict[str, Task] = {t.id: t for t in [
     Task("ch06.training_loss", "the training loss of one step",
          "build z_t from the clean latents with schedule.q_sample and the noise you are given (draw none of your "
          "own), ask the denoiser about (z_t, t, ids), and take the mean over the batch and every element of the "
-         "squared difference to training_target (eps, z_0 or v, as schedule.prediction_type says); compute it in "
+         "squared difference to schedule.training_target (eps, z_0 or v, as schedule.prediction_type says); compute it in "
          "float32 even when the model answers in bfloat16 or float16, and keep the graph so gradients reach the "
          "denoiser: one scalar",
          "The training step, in one line of math"),
