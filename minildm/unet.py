@@ -205,7 +205,7 @@ class UNetDownsample(nn.Module):
 
 class UNetLevel(nn.Module):
     """One resolution of the U: ResBlocks, each followed by a SpatialTransformer if the level attends, then a
-    resample (down or up) unless it is the last level of its path."""
+    resample (down or up) unless it is the last level of its path. The two paths differ only in their skips."""
 
     def __init__(self, in_channels: list[int], out_channels: int, config: UNetConfig, heads: int, attend: bool,
                  resample: nn.Module | None):
@@ -221,6 +221,32 @@ class UNetLevel(nn.Module):
     def layer(self, i: int, h: Tensor, time: Tensor, context: Tensor) -> Tensor:
         h = self.res[i](h, time)
         return self.attn[i](h, context) if self.attn is not None else h
+
+
+class UNetDownLevel(UNetLevel):
+    """On the way down, every layer's output and the downsample's are kept: they are this level's skips."""
+
+    def forward(self, h: Tensor, time: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for i in range(len(self.res)):
+            h = self.layer(i, h, time, context)                                    # (B, C_i, h_i, w_i)
+            skips.append(h)
+        if self.resample is not None:
+            h = self.resample(h)                                                   # (B, C_i, h_i / 2, w_i / 2)
+            skips.append(h)
+        return h, skips
+
+
+class UNetUpLevel(UNetLevel):
+    """On the way up, each layer first takes the last skip off the stack (the way down's output at this
+    resolution) and reads it concatenated to its input along the channels."""
+
+    def forward(self, h: Tensor, skips: list[Tensor], time: Tensor, context: Tensor) -> Tensor:
+        for i in range(len(self.res)):
+            h = self.layer(i, torch.cat([h, skips.pop()], dim=1), time, context)  # (B, C_i, h_i, w_i)
+        if self.resample is not None:
+            h = self.resample(h)                                                   # (B, C_i, 2 h_i, 2 w_i)
+        return h
 
 
 class UNetMidBlock(nn.Module):
@@ -257,7 +283,8 @@ class UNet(nn.Module):
         for i, out in enumerate(chans):
             last = i == levels - 1
             ins = [chans[max(i - 1, 0)]] + [out] * (c.layers_per_block - 1)
-            self.down.append(UNetLevel(ins, out, c, heads[i], c.attention_levels[i], None if last else UNetDownsample(out)))
+            self.down.append(UNetDownLevel(ins, out, c, heads[i], c.attention_levels[i],
+                                            None if last else UNetDownsample(out)))
             skips += [out] * (c.layers_per_block + (0 if last else 1))
         self.mid = UNetMidBlock(chans[-1], c, heads[-1])
 
@@ -267,8 +294,8 @@ class UNet(nn.Module):
         for i, out in enumerate(reversed(chans)):
             level = levels - 1 - i
             ins = [(previous if j == 0 else out) + skips.pop() for j in range(c.layers_per_block + 1)]
-            self.up.append(UNetLevel(ins, out, c, heads[level], c.attention_levels[level],
-                                 Upsample(out) if level > 0 else None))
+            self.up.append(UNetUpLevel(ins, out, c, heads[level], c.attention_levels[level],
+                                       Upsample(out) if level > 0 else None))
             previous = out
         self.norm_out = group_norm(chans[0], c.norm_num_groups, c.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, 3, padding=1)
@@ -290,13 +317,22 @@ class UNet(nn.Module):
             if context.shape[0] != zt.shape[0]:
                 raise ValueError(f"context has {context.shape[0]} items for {zt.shape[0]} latents; give one prompt "
                                  "embedding per latent")
-        t = torch.as_tensor(t, device=zt.device).reshape(-1)
+        if isinstance(t, Tensor) and t.device.type != "cpu":
+            # On a GPU the range is not checked: reading a comparison back would make the CPU wait for the GPU at
+            # every step. The samplers and the trainer make their GPU timesteps in range themselves.
+            t = t.to(zt.device).reshape(-1)
+        else:
+            # a number or a CPU tensor: checked on the host, which costs nothing
+            t = torch.as_tensor(t)
+            if not ((t >= 0) & (t < c.num_timesteps)).all():                      # NaN fails this too
+                raise ValueError(f"timesteps must be in [0, {c.num_timesteps}), got {t.min().item()}.."
+                                 f"{t.max().item()}")
+            # a number is filled in on the device (no copy, so no wait); a CPU tensor is copied there
+            t = torch.full((1,), t.item(), device=zt.device) if t.ndim == 0 else t.to(zt.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(zt.shape[0])                                              # one timestep for the batch
         if t.numel() != zt.shape[0]:
             raise ValueError(f"{t.numel()} timesteps for {zt.shape[0]} latents; give one, or one per latent")
-        if not ((t >= 0) & (t < c.num_timesteps)).all():                          # NaN fails this too
-            raise ValueError(f"timesteps must be in [0, {c.num_timesteps}), got {t.min().item()}..{t.max().item()}")
         return t
 
     def forward(self, zt: Tensor, t: Tensor | float, context: Tensor | None = None) -> Tensor:
@@ -307,21 +343,13 @@ class UNet(nn.Module):
         time = self.time_mlp(emb)                                                  # (B, time_dim)
 
         h = self.conv_in(zt)                                                       # (B, C_0, h, w)
-        skips = [h]
+        skips = [h]                                                                # a stack: the last kept is read first
         for level in self.down:
-            for i in range(len(level.res)):
-                h = level.layer(i, h, time, context)                               # (B, C_i, h_i, w_i)
-                skips.append(h)
-            if level.resample is not None:
-                h = level.resample(h)                                              # (B, C_i, h_i / 2, w_i / 2)
-                skips.append(h)
+            h, level_skips = level(h, time, context)                               # (B, C_i, h_i / 2, w_i / 2)
+            skips += level_skips                                                   # (the last level halves nothing)
         h = self.mid(h, time, context)                                             # (B, C_last, h / f, w / f)
         for level in self.up:
-            for i in range(len(level.res)):
-                # the skip from the way down at this resolution, concatenated along the channels
-                h = level.layer(i, torch.cat([h, skips.pop()], dim=1), time, context)
-            if level.resample is not None:
-                h = level.resample(h)                                              # (B, C, 2 h_i, 2 w_i)
+            h = level(h, skips, time, context)                                     # pops one skip per ResBlock
         return self.conv_out(F.silu(self.norm_out(h)))                             # (B, C_out, h, w)
 
     @classmethod

@@ -265,6 +265,8 @@ def bad_call(model: UNet, what: str):
         "t_negative": lambda: model(zt, torch.tensor([-1, 20]), context),
         "t_equal_to_T": lambda: model(zt, torch.tensor([10, 1000]), context),
         "t_scalar_above_T": lambda: model(zt, 1500.0, context),
+        "t_nan_on_the_cpu": lambda: model(zt, torch.tensor([10.0, float("nan")]), context),
+        "t_scalar_nan": lambda: model(zt, float("nan"), context),
         "three_timesteps": lambda: model(zt, torch.tensor([1, 2, 3]), context),
     }[what]
 
@@ -281,6 +283,8 @@ BAD_INPUT = {                                                                   
     "t_negative": r"timesteps must be in \[0, 1000\), got -1",
     "t_equal_to_T": r"timesteps must be in \[0, 1000\), got 10\.\.1000",
     "t_scalar_above_T": r"timesteps must be in \[0, 1000\), got 1500",
+    "t_nan_on_the_cpu": r"timesteps must be in \[0, 1000\), got",
+    "t_scalar_nan": r"timesteps must be in \[0, 1000\), got nan",
     "three_timesteps": r"3 timesteps for 2 latents",
 }
 
@@ -290,6 +294,35 @@ def test_bad_input_is_a_one_line_value_error_that_says_what_was_given(what):
     with pytest.raises(ValueError, match=BAD_INPUT[what]) as err:
         bad_call(_tiny, what)()
     assert "\n" not in str(err.value), f"not one line: {err.value}"
+
+
+def test_down_levels_keep_one_skip_per_layer_and_resample_and_up_levels_read_them_all():
+    model = tiny_unet(block_out_channels=(16, 32, 32), attention_levels=(False, True, True), heads=(2, 4, 4))
+    zt, context = inputs(batch=1)
+    time = torch.zeros(1, model.config.time_dim)
+    h = model.conv_in(zt)
+    skips = [h]
+    for level in model.down:
+        h, level_skips = level(h, time, context)
+        skips += level_skips
+    shapes = [tuple(s.shape[1:]) for s in skips]
+    assert shapes == [(16, 8, 8), (16, 8, 8), (16, 4, 4), (32, 4, 4), (32, 2, 2), (32, 2, 2)], shapes
+    h = model.mid(h, time, context)
+    for level in model.up:
+        h = level(h, skips, time, context)
+    assert skips == [] and h.shape == (1, 16, 8, 8), f"{len(skips)} skips left unread, output {tuple(h.shape)}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_checking_gpu_inputs_never_waits_for_the_gpu():
+    model = tiny_unet().cuda()
+    zt, context = (x.cuda() for x in inputs())
+    torch.cuda.set_sync_debug_mode("error")                 # any host sync raises
+    try:
+        for t in (torch.full((2,), 10, device="cuda"), 250, 250.0):
+            assert model.check_inputs(zt, t, context).shape == (2,)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_the_suggested_latent_size_is_a_multiple_of_the_downsampling_and_close():
