@@ -1,6 +1,29 @@
 """minildm: a latent diffusion model (the design behind Stable Diffusion), built from scratch to be read.
 
-Start with chapters/01-pixels-and-latents.md, or run `minildm demo`.
+Start with chapters/01-pixels-and-latents.md, or run `minildm demo`. The modules, in reading order:
+
+    data.py            ch01  Shapes (procedural images with captions and known factors); a folder of your images
+    manifold.py        ch01  PCA spectra, intrinsic dimension, interpolation walks
+    autoencoder.py     ch02  the VAE: encoder, decoder, the diagonal Gaussian between them, the VAE loss
+    discriminator.py   ch02  the optional PatchGAN
+    train_vae.py       ch02  training the VAE, and fine-tuning its decoder into a VAE file
+    schedule.py        ch03  the forward process: betas, alpha_bar, q_sample, the eps / z_0 / v conversions
+    attention.py       ch04  attention five ways (naive, sliced, chunked, sdpa, Triton), one function
+    kernels/           ch04  the Triton flash-attention kernel
+    unet.py            ch05  the noise predictor: timestep embedding, ResBlocks, cross-attention, the U
+    text.py            ch05  the Shapes tokenizer and the causal text encoder
+    train_ldm.py       ch06  training the latent diffusion model
+    judge.py           ch06  a small CNN that reads the factors back from an image, to score samples
+    metrics.py         ch06  PSNR, prompt following, Frechet distance
+    pixel_space.py     ch06  no autoencoder: the pixel-space baseline
+    samplers.py        ch07  DDPM, DDIM, PLMS, Euler, Euler ancestral, Heun, DPM-Solver++ 2M
+    ideal_denoiser.py  ch07  the exact denoiser of a finite set of latents
+    pipeline.py        ch08  LatentDiffusion: text-to-image, img2img, inpainting, guidance, save and load
+
+Beside them: checkpoint.py (model folders, written atomically, loaded strictly), convert.py (other people's
+weights, by renaming rules), device.py (CUDA > MPS > CPU, reproducible noise), pretrained.py (the shipped weights
+in assets/); and the tooling: cli.py (the `minildm` command), demo.py, viz.py, quotes.py (the chapters' quotes
+stay true), grading/ (workbooks and the grader).
 """
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, latent_shape

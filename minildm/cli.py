@@ -1,9 +1,17 @@
-"""The `minildm` command. Each subcommand is a thin layer over the package: parse, check, call, report."""
+"""The `minildm` command. Each subcommand is a thin layer over the package: parse, check, call, report.
+
+A mistake costs one line on stderr, `minildm <command>: error: <what, and what to do>`, never a traceback: exit code 2
+when argparse refuses the command line (every number is checked for its range as it is parsed), 1 when the command
+fails (a file that cannot be read or written, a value the package refuses). MINILDM_TRACEBACK=1 shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import fields
@@ -12,11 +20,77 @@ from pathlib import Path
 DEMO_MARKER = ".minildm-demo"
 
 
+# ---------------------------------------------------------------------------------- checked as they are parsed
+
+def whole_number(low: int, high: int | None = None, note: str = "", high_text: str | None = None):
+    """An argparse `type=`: a whole number in [low, high]; otherwise argparse's one-line error names the option."""
+    expected = f"a whole number from {low} to {high_text or high}" if high is not None else \
+        f"a whole number, {low} or more"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}{note}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}{note}, got {value}")
+        return value
+    return parse
+
+
+def real_number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False, note: str = ""):
+    """An argparse `type=`: a finite number in the interval; "(" and ")" mark an open end, as in math."""
+    if high == math.inf:
+        expected = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}{note}, got {text!r}") from None
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):                              # NaN fails this too
+            raise argparse.ArgumentTypeError(f"expected {expected}{note}, got {text}")
+        return value
+    return parse
+
+
+def whole_numbers(low: int, high: int | None, example: str):
+    """An argparse `type=`: comma-separated whole numbers in [low, high], e.g. channels "32,64". The text is returned
+    (in a clean spelling) for the commands to read; it is only checked here."""
+    expected = f"comma-separated whole numbers {f'from {low} to {high}' if high is not None else f'of {low} or more'}" \
+               f" like {example}"
+
+    def parse(text: str) -> str:
+        try:
+            values = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if any(value < low or (high is not None and value > high) for value in values):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return ",".join(str(value) for value in values)
+    return parse
+
+
+POSITIVE = whole_number(1)                                  # steps, sizes, counts, intervals
+NON_NEGATIVE = whole_number(0)
+SEED = whole_number(0, 2**63 - 1, high_text="2**63 - 1")      # what every generator (torch, numpy) takes
+THREADS = whole_number(0, note=" (0: torch's choice)")
+FRACTION = real_number(0.0, 1.0)                            # a share, img2img's strength
+POSITIVE_REAL = real_number(0.0, low_open=True)             # a learning rate, a timeout
+NON_NEGATIVE_REAL = real_number(0.0)                        # a guidance scale, a loss weight
+CHANNELS = whole_numbers(1, None, "32,64")                  # block_out_channels, one entry per level
+EMA_DECAY = real_number(0.0, 1.0, high_open=True)          # 1 would never move
+LEVEL_FLAGS = whole_numbers(0, 1, "1,1 (1: the level attends)")
+
+
 def add_run_options(p: argparse.ArgumentParser, out_help: str, export_help: str) -> None:
     """The options every training command shares: where the run lives, resuming it, and exporting its result."""
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--stop-after", dest="stop_after", type=int, default=None,
+    p.add_argument("--stop-after", dest="stop_after", type=POSITIVE, default=None,
                    help="train at most this many steps now, save, and stop (continue later with --resume)")
     p.add_argument("--export", default=None, help=export_help)
 
@@ -26,7 +100,7 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=THREADS, default=1,
                    help="torch CPU threads (default 1: these models are small, and on a busy CPU more threads wait for "
                         "each other; 0: torch's choice)")
 
@@ -34,18 +108,18 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 def prepare_output_folder(out: Path) -> None:
     """The demo writes only into a folder that is new, empty, or an earlier demo's: it never overwrites your files."""
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; choose a folder name")
+        raise FileExistsError(f"--out {out} is a file; choose a folder name")
     if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
-        raise SystemExit(f"error: --out {out} already holds files that minildm did not write; choose a new or empty folder")
+        raise FileExistsError(f"--out {out} already holds files that minildm did not write; choose a new or empty "
+                              "folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("written by `minildm demo`; safe to delete\n")
 
 
 def set_threads(threads: int) -> None:
+    """--threads (checked >= 0 when parsed): 0 leaves torch's choice."""
     import torch
 
-    if threads < 0:
-        raise ValueError(f"--threads must be 0 (torch's choice) or more, got {threads}")
     if threads:
         torch.set_num_threads(threads)
 
@@ -53,8 +127,6 @@ def set_threads(threads: int) -> None:
 def cmd_demo(args) -> int:
     from minildm.demo import run_demo
 
-    if args.train and args.pipeline:
-        raise ValueError("--train makes its own pipeline (in OUT/pipeline); drop --pipeline or --train")
     if args.pipeline and not Path(args.pipeline).is_dir():
         raise FileNotFoundError(f"--pipeline {args.pipeline}: no such folder; give a folder written by save_pipeline "
                                 f"or `minildm train-ldm --export`")
@@ -233,7 +305,8 @@ def cmd_grade(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minildm", description="An annotated latent diffusion model you can read.")
+    parser = Parser(prog="minildm", description="An annotated latent diffusion model you can read.",
+                    epilog="A failing command prints one line; MINILDM_TRACEBACK=1 shows the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo_help = ("write the chapters' figures to --out from the shipped weights (about a minute on a laptop CPU): the "
@@ -241,13 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
                  "GIF), a guidance sweep, img2img, inpainting and a VAE decoder swap")
     demo = sub.add_parser("demo", help=demo_help, description=demo_help)
     demo.add_argument("--out", default="minildm-demo", help="folder for the figures (default: ./minildm-demo)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--pipeline", metavar="FOLDER", default=None,
-                      help="draw the sampling figures with this pipeline folder instead of the shipped one")
-    demo.add_argument("--train", action="store_true",
-                      help="do it all from scratch: train the diffusion model first (SLOW: about 15 minutes on a "
-                           "2-core CPU) into OUT/train-run, export it to OUT/pipeline and draw with it; the VAE is "
-                           "not retrained (the shipped one is reused); run it again to continue an interrupted run")
+    demo.add_argument("--seed", type=SEED, default=0)
+    source = demo.add_mutually_exclusive_group()           # --train makes its own pipeline (in OUT/pipeline)
+    source.add_argument("--pipeline", metavar="FOLDER", default=None,
+                        help="draw the sampling figures with this pipeline folder instead of the shipped one")
+    source.add_argument("--train", action="store_true",
+                        help="do it all from scratch: train the diffusion model first (SLOW: about 15 minutes on a "
+                             "2-core CPU) into OUT/train-run, export it to OUT/pipeline and draw with it; the VAE is "
+                             "not retrained (the shipped one is reused); run it again to continue an interrupted run")
     add_threads(demo)
     add_device(demo)
     demo.set_defaults(func=cmd_demo)
@@ -259,18 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help='e.g. "a large red circle in the centre"; repeat for more rows')
     sa.add_argument("--out", required=True, help="the grid PNG to write (never replaced unless --force)")
     sa.add_argument("--force", action="store_true", help="replace --out if it exists")
-    sa.add_argument("--seed", type=int, default=0, help="the first column's seed; column j uses seed + j (default 0)")
-    sa.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
-    sa.add_argument("--guidance", type=float, default=None,
+    sa.add_argument("--seed", type=SEED, default=0, help="the first column's seed; column j uses seed + j (default 0)")
+    sa.add_argument("--num", type=POSITIVE, default=4, help="images per prompt (default 4)")
+    sa.add_argument("--guidance", type=NON_NEGATIVE_REAL, default=None,
                     help="classifier-free guidance scale w (0: ignore the prompt, 1: no guidance; default: the "
                          "pipeline's, 7.5)")
     sa.add_argument("--sampler", default=None, help="ddpm, ddim, plms, euler, euler_a, heun or dpmpp_2m "
                                                     "(default: the pipeline's, ddim)")
-    sa.add_argument("--steps", type=int, default=None, help="sampler steps (default: the pipeline's, 50)")
+    sa.add_argument("--steps", type=POSITIVE, default=None, help="sampler steps (default: the pipeline's, 50)")
     sa.add_argument("--pipeline", metavar="FOLDER", default=None, help="a pipeline folder (default: the shipped one)")
     sa.add_argument("--init-image", dest="init_image", metavar="IMG",
                     help="img2img: start from this 64x64 image (PNG, JPEG) instead of pure noise")
-    sa.add_argument("--strength", type=float, default=None,
+    sa.add_argument("--strength", type=FRACTION, default=None,
                     help="with --init-image: 0 keeps the image, 1 ignores it (default 0.6; 1.0 with --mask)")
     sa.add_argument("--mask", metavar="MASK", help="inpainting: a 64x64 black-and-white image, white = repaint")
     add_threads(sa)
@@ -282,63 +356,67 @@ def build_parser() -> argparse.ArgumentParser:
                     "also write just the final model (+ training record) here")
     tv.add_argument("--export-half", dest="export_half", action="store_true",
                     help="store the exported weights in float16 (half the size)")
-    tv.add_argument("--steps", type=int)
-    tv.add_argument("--batch-size", dest="batch_size", type=int)
-    tv.add_argument("--lr", type=float)
-    tv.add_argument("--kl-weight", dest="kl_weight", type=float)
+    tv.add_argument("--steps", type=POSITIVE)
+    tv.add_argument("--batch-size", dest="batch_size", type=POSITIVE)
+    tv.add_argument("--lr", type=POSITIVE_REAL)
+    tv.add_argument("--kl-weight", dest="kl_weight", type=NON_NEGATIVE_REAL)
     tv.add_argument("--recon-loss", dest="recon_loss", choices=["l1", "mse", "l1+mse"])
     tv.add_argument("--gan", action="store_true", default=None, help="add the PatchGAN hinge loss (CompVis recipe)")
-    tv.add_argument("--disc-start", dest="disc_start", type=int)
-    tv.add_argument("--disc-weight", dest="disc_weight", type=float)
-    tv.add_argument("--seed", type=int)
-    tv.add_argument("--data-seed", dest="data_seed", type=int)
-    tv.add_argument("--num-images", dest="num_train_images", type=int)
-    tv.add_argument("--image-size", dest="image_size", type=int)
+    tv.add_argument("--disc-start", dest="disc_start", type=NON_NEGATIVE)
+    tv.add_argument("--disc-weight", dest="disc_weight", type=NON_NEGATIVE_REAL)
+    tv.add_argument("--seed", type=SEED)
+    tv.add_argument("--data-seed", dest="data_seed", type=SEED)
+    tv.add_argument("--num-images", dest="num_train_images", type=POSITIVE)
+    tv.add_argument("--image-size", dest="image_size", type=POSITIVE)
     tv.add_argument("--data-dir", dest="data_dir", help="train on a folder of your own images instead of Shapes")
-    tv.add_argument("--save-every", dest="save_every", type=int)
+    tv.add_argument("--save-every", dest="save_every", type=POSITIVE)
     tv.add_argument("--finetune-decoder", dest="finetune_decoder", metavar="VAE_FOLDER",
                     help="freeze this VAE's encoder, train its decoder, write decoder.safetensors (a VAE file)")
-    tv.add_argument("--channels", help="block_out_channels, e.g. 32,64,128,128 (default: the shapes64 VAE, 16,32,64,64)")
-    tv.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
-    tv.add_argument("--norm-groups", dest="norm_num_groups", type=int, default=8)
-    tv.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    tv.add_argument("--channels", type=CHANNELS,
+                    help="block_out_channels, e.g. 32,64,128,128 (default: the shapes64 VAE, 16,32,64,64)")
+    tv.add_argument("--layers-per-block", dest="layers_per_block", type=POSITIVE, default=1)
+    tv.add_argument("--norm-groups", dest="norm_num_groups", type=POSITIVE, default=8)
+    tv.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (default: torch's choice)")
     add_device(tv)
     tv.set_defaults(func=cmd_train_vae)
 
     tl = sub.add_parser("train-ldm", help="train the latent diffusion model (U-Net + text encoder) on Shapes latents")
     add_run_options(tl, "training folder (checkpoint, latent cache, sample grids); must be new unless --resume",
                     "also write the pipeline (EMA weights + training record) here")
-    tl.add_argument("--export-guidance", dest="export_guidance", type=float, default=7.5,
+    tl.add_argument("--export-guidance", dest="export_guidance", type=NON_NEGATIVE_REAL, default=7.5,
                     help="the exported pipeline's default guidance scale (default 7.5)")
-    tl.add_argument("--export-steps", dest="export_steps", type=int, default=50,
+    tl.add_argument("--export-steps", dest="export_steps", type=POSITIVE, default=50,
                     help="the exported pipeline's default number of DDIM steps (default 50)")
-    tl.add_argument("--steps", type=int)
-    tl.add_argument("--batch-size", dest="batch_size", type=int, help="images per step on each process")
-    tl.add_argument("--lr", type=float)
-    tl.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    tl.add_argument("--steps", type=POSITIVE)
+    tl.add_argument("--batch-size", dest="batch_size", type=POSITIVE, help="images per step on each process")
+    tl.add_argument("--lr", type=POSITIVE_REAL)
+    tl.add_argument("--warmup-steps", dest="warmup_steps", type=NON_NEGATIVE)
     tl.add_argument("--prediction", dest="prediction_type", choices=["epsilon", "sample", "v_prediction"],
                     help="what the U-Net predicts: eps (default), z_0 or v")
-    tl.add_argument("--caption-dropout", dest="caption_dropout", type=float,
+    tl.add_argument("--caption-dropout", dest="caption_dropout", type=FRACTION,
                     help="share of captions replaced by the empty prompt, for guidance (default 0.1)")
-    tl.add_argument("--ema-decay", dest="ema_decay", type=float)
+    tl.add_argument("--ema-decay", dest="ema_decay", type=EMA_DECAY)
     tl.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype (auto: bf16 or fp16 on CUDA, fp32 on CPU and MPS)")
     tl.add_argument("--space", choices=["latent", "pixel"], help="diffuse VAE latents (default) or raw pixels")
     tl.add_argument("--vae", help="a shipped VAE name or a VAE folder (default shapes64)")
-    tl.add_argument("--seed", type=int)
-    tl.add_argument("--data-seed", dest="data_seed", type=int)
-    tl.add_argument("--num-images", dest="num_train_images", type=int)
-    tl.add_argument("--save-every", dest="save_every", type=int)
-    tl.add_argument("--sample-every", dest="sample_every", type=int, help="write a sample grid every N steps (0: never)")
-    tl.add_argument("--log-every", dest="log_every", type=int, help="record the mean loss every N steps (default 25)")
-    tl.add_argument("--channels", help="U-Net block_out_channels (default 32,64: the shipped model's)")
-    tl.add_argument("--attention", help="which levels attend, e.g. 1,1 (default: all)")
-    tl.add_argument("--heads", type=int, default=4)
-    tl.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
-    tl.add_argument("--norm-groups", dest="norm_num_groups", type=int, default=8)
-    tl.add_argument("--text-dim", dest="text_dim", type=int, default=64, help="text encoder width = U-Net context_dim")
-    tl.add_argument("--text-depth", dest="text_depth", type=int, default=2)
-    tl.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    tl.add_argument("--seed", type=SEED)
+    tl.add_argument("--data-seed", dest="data_seed", type=SEED)
+    tl.add_argument("--num-images", dest="num_train_images", type=POSITIVE)
+    tl.add_argument("--save-every", dest="save_every", type=POSITIVE)
+    tl.add_argument("--sample-every", dest="sample_every", type=NON_NEGATIVE,
+                    help="write a sample grid every N steps (0: never)")
+    tl.add_argument("--log-every", dest="log_every", type=POSITIVE,
+                    help="record the mean loss every N steps (default 25)")
+    tl.add_argument("--channels", type=CHANNELS, help="U-Net block_out_channels (default 32,64: the shipped model's)")
+    tl.add_argument("--attention", type=LEVEL_FLAGS, help="which levels attend, e.g. 1,1 (default: all)")
+    tl.add_argument("--heads", type=POSITIVE, default=4)
+    tl.add_argument("--layers-per-block", dest="layers_per_block", type=POSITIVE, default=1)
+    tl.add_argument("--norm-groups", dest="norm_num_groups", type=POSITIVE, default=8)
+    tl.add_argument("--text-dim", dest="text_dim", type=POSITIVE, default=64,
+                    help="text encoder width = U-Net context_dim")
+    tl.add_argument("--text-depth", dest="text_depth", type=POSITIVE, default=2)
+    tl.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (default: torch's choice)")
     add_device(tl)
     tl.set_defaults(func=cmd_train_ldm)
 
@@ -361,21 +439,62 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a folder of hidden tests (with @pytest.mark.task and points); may be repeated")
     gr.add_argument("--use-reference-for", dest="use_reference_for", nargs="+", metavar="CHAPTER",
                     help="take these chapters' solutions from the reference (e.g. ch01) and grade the rest")
-    gr.add_argument("--timeout", type=float, default=60.0, help="seconds one test may run (default 60)")
+    gr.add_argument("--timeout", type=POSITIVE_REAL, default=60.0, help="seconds one test may run (default 60)")
     gr.add_argument("--report", default="grade.json", help="where to write the JSON report (default ./grade.json)")
     gr.set_defaults(func=cmd_grade)
     return parser
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`minildm sample: error: argument --num: ...`, exit code 2), not after
+    the whole usage text; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {first_line(message)} (see {self.prog} --help)\n")
+
+
+# What a user can cause: a file that cannot be read or written (OSError: read-only, missing, existing), a value the
+# package refuses, a training run that diverged, a workbook stub not written yet. Anything else is a bug: traceback.
+USER_ERRORS = (OSError, ValueError, TypeError, FloatingPointError, NotImplementedError)
+WHAT_TO_DO = {errno.EACCES: "check its permissions, or choose a folder you can write to",
+              errno.EPERM: "check its permissions, or choose a folder you can write to",
+              errno.EROFS: "choose a folder on a disk you can write to", errno.ENOSPC: "free some disk space"}
+
+
+def first_line(message: str) -> str:
+    lines = message.strip().splitlines() or [""]
+    return lines[0] + (" (the rest: run again with MINILDM_TRACEBACK=1)" if len(lines) > 1 else "")
+
+
+def error_line(err: BaseException) -> str:
+    """One line that says what went wrong and, for the OS's own errors, what to do."""
+    message = first_line(str(err)) or type(err).__name__
+    if isinstance(err, OSError) and err.errno in WHAT_TO_DO:
+        message += f"; {WHAT_TO_DO[err.errno]}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:                             # argparse printed --help (0) or its one-line error (2)
+        return exit_.code
     args.argv = argv
+    command = " ".join(["minildm", args.command, *filter(None, [getattr(args, "workbook_command", None)])])
+    show_traceback = os.environ.get("MINILDM_TRACEBACK", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if show_traceback:
+            raise
+        print(f"{command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130                                          # 128 + SIGINT, as shells report it
+    except USER_ERRORS as err:
+        if show_traceback:
+            raise
+        print(f"{command}: error: {error_line(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

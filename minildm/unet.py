@@ -211,8 +211,8 @@ class UNetLevel(nn.Module):
                  resample: nn.Module | None):
         super().__init__()
         c = config
-        self.res = nn.ModuleList([TimestepResBlock(i, out_channels, c.time_dim, c.norm_num_groups, c.norm_eps, c.dropout)
-                                  for i in in_channels])
+        self.res = nn.ModuleList([TimestepResBlock(i, out_channels, c.time_dim, c.norm_num_groups, c.norm_eps,
+                                                   c.dropout) for i in in_channels])
         self.attn = nn.ModuleList([SpatialTransformer(out_channels, heads, c.context_dim, c.transformer_depth,
                                                       c.norm_num_groups, c.use_linear_projection)
                                    for _ in in_channels]) if attend else None
@@ -343,7 +343,7 @@ class UNet(nn.Module):
         time = self.time_mlp(emb)                                                  # (B, time_dim)
 
         h = self.conv_in(zt)                                                       # (B, C_0, h, w)
-        skips = [h]                                                                # a stack: the last kept is read first
+        skips = [h]                                                                # a stack: last kept, first read
         for level in self.down:
             h, level_skips = level(h, time, context)                               # (B, C_i, h_i / 2, w_i / 2)
             skips += level_skips                                                   # (the last level halves nothing)

@@ -1,13 +1,21 @@
-"""The `minildm` command: arguments reach the code, bad input gets one clear line, user files are never overwritten."""
+"""The `minildm` command: arguments reach the code, bad input gets one clear line, user files are never overwritten.
+
+Exit codes: 2 when argparse refuses the command line (numbers are range-checked as they are parsed), 1 when the
+command fails; either way one line on stderr, `minildm <command>: error: ...`, and no traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import minildm.cli
 from minildm.cli import DEMO_MARKER, main
 from minildm.pipeline import PIPELINE_NAME
 from minildm.pretrained import PIPELINES, VAES
@@ -15,10 +23,18 @@ from minildm.pretrained import PIPELINES, VAES
 SHIPPED = (VAES["shapes64"] / "model.safetensors").is_file() and (PIPELINES["shapes64"] / PIPELINE_NAME).is_file()
 
 
+def one_error_line(capsys, command: str) -> str:
+    """stderr must be exactly one `minildm <command>: error: ...` line, without a traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"minildm {command}: error: "), f"not one error line:\n{err}"
+    assert "Traceback" not in err, err
+    return err
+
+
 def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path, capsys):
     (tmp_path / "thesis.tex").write_text("years of work")
-    with pytest.raises(SystemExit, match="did not write"):
-        main(["demo", "--out", str(tmp_path)])
+    assert main(["demo", "--out", str(tmp_path)]) == 1
+    assert "did not write" in one_error_line(capsys, "demo")
     assert (tmp_path / "thesis.tex").read_text() == "years of work"
     assert not (tmp_path / DEMO_MARKER).exists()
 
@@ -27,11 +43,165 @@ def test_train_vae_refuses_an_existing_output_folder_with_a_one_line_error(tmp_p
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code = main(["train-vae", "--out", str(out), "--steps", "1"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.count("\n") == 0 and "--resume" in err, err
+    assert main(["train-vae", "--out", str(out), "--steps", "1"]) == 1
+    assert "--resume" in one_error_line(capsys, "train-vae")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------- bad command lines: exit code 2
+
+OUT = ["--out", "never-written"]                             # argparse stops before anything is written
+SAMPLE = ["sample", "--prompt", "a red circle", "--out", "never-written.png"]
+BAD_ARGUMENTS = [                                            # (command line, the option the error must name)
+    (["train-vae", *OUT, "--save-every", "0"], "--save-every"),
+    (["train-ldm", *OUT, "--save-every", "-5"], "--save-every"),
+    (["train-ldm", *OUT, "--log-every", "0"], "--log-every"),
+    (["train-vae", *OUT, "--steps", "0"], "--steps"),
+    (["train-ldm", *OUT, "--steps", "-1"], "--steps"),
+    (["train-ldm", *OUT, "--steps", "1.5"], "--steps"),
+    (["train-vae", *OUT, "--num-images", "0"], "--num-images"),
+    (["train-ldm", *OUT, "--num-images", "0"], "--num-images"),
+    (["train-vae", *OUT, "--threads", "-1"], "--threads"),
+    (["demo", *OUT, "--threads", "-1"], "--threads"),
+    ([*SAMPLE, "--threads", "-2"], "--threads"),
+    (["train-vae", *OUT, "--channels", "a,b"], "--channels"),
+    (["train-vae", *OUT, "--channels", "16,0"], "--channels"),
+    (["train-ldm", *OUT, "--channels", "32,,64"], "--channels"),
+    (["train-ldm", *OUT, "--channels", "-32,64"], "--channels"),
+    (["train-ldm", *OUT, "--attention", "1,2"], "--attention"),
+    (["train-vae", *OUT, "--batch-size", "0"], "--batch-size"),
+    (["train-ldm", *OUT, "--batch-size", "0"], "--batch-size"),
+    (["train-vae", *OUT, "--lr", "0"], "--lr"),
+    (["train-ldm", *OUT, "--lr", "-1e-3"], "--lr"),
+    (["train-ldm", *OUT, "--lr", "nan"], "--lr"),
+    (["train-ldm", *OUT, "--lr", "inf"], "--lr"),
+    (["train-vae", *OUT, "--kl-weight", "-1"], "--kl-weight"),
+    (["train-vae", *OUT, "--disc-weight", "-0.5"], "--disc-weight"),
+    (["train-vae", *OUT, "--disc-start", "-1"], "--disc-start"),
+    (["train-vae", *OUT, "--image-size", "0"], "--image-size"),
+    (["train-vae", *OUT, "--layers-per-block", "0"], "--layers-per-block"),
+    (["train-vae", *OUT, "--norm-groups", "0"], "--norm-groups"),
+    (["train-vae", *OUT, "--stop-after", "0"], "--stop-after"),
+    (["train-vae", *OUT, "--seed", "-1"], "--seed"),
+    (["train-ldm", *OUT, "--data-seed", "-1"], "--data-seed"),
+    (["train-ldm", *OUT, "--seed", str(2**64)], "--seed"),
+    (["train-ldm", *OUT, "--warmup-steps", "-1"], "--warmup-steps"),
+    (["train-ldm", *OUT, "--caption-dropout", "1.5"], "--caption-dropout"),
+    (["train-ldm", *OUT, "--ema-decay", "1"], "--ema-decay"),
+    (["train-ldm", *OUT, "--sample-every", "-1"], "--sample-every"),
+    (["train-ldm", *OUT, "--heads", "0"], "--heads"),
+    (["train-ldm", *OUT, "--text-dim", "0"], "--text-dim"),
+    (["train-ldm", *OUT, "--text-depth", "0"], "--text-depth"),
+    (["train-ldm", *OUT, "--export-steps", "0"], "--export-steps"),
+    (["train-ldm", *OUT, "--export-guidance", "-1"], "--export-guidance"),
+    (["train-ldm", *OUT, "--prediction", "eps"], "--prediction"),
+    ([*SAMPLE, "--num", "0"], "--num"),
+    ([*SAMPLE, "--steps", "0"], "--steps"),
+    ([*SAMPLE, "--guidance", "-1"], "--guidance"),
+    ([*SAMPLE, "--guidance", "nan"], "--guidance"),
+    ([*SAMPLE, "--strength", "1.5"], "--strength"),
+    ([*SAMPLE, "--strength", "-0.1"], "--strength"),
+    ([*SAMPLE, "--seed", "-1"], "--seed"),
+    (["demo", *OUT, "--seed", "x"], "--seed"),
+    (["demo", *OUT, "--train", "--pipeline", "."], "--train"),
+    (["sample", "--out", "never-written.png"], "--prompt"),
+    (["grade", "--timeout", "0"], "--timeout"),
+]
+
+
+@pytest.mark.parametrize("argv, option", BAD_ARGUMENTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_ARGUMENTS])
+def test_a_bad_command_line_is_exit_code_2_with_one_line_naming_the_option(argv, option, capsys, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = one_error_line(capsys, argv[0])
+    assert option in err and "--help" in err, err
+    assert list(tmp_path.iterdir()) == [], "argparse's refusal wrote something"
+
+
+def test_a_bad_command_line_from_the_shell_is_one_line_and_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minildm", "train-vae", "--out", str(tmp_path / "run"),
+                             "--save-every", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--save-every" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_still_exits_with_code_0(capsys):
+    assert main(["sample", "--help"]) == 0
+    assert "--prompt" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ failures: exit code 1
+
+def test_a_missing_pipeline_folder_is_exit_code_1_with_one_line(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--prompt", "a red circle", "--out", str(out), "--pipeline", str(tmp_path / "nope"),
+                 "--device", "cpu"]) == 1
+    assert "nope" in one_error_line(capsys, "sample")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--pipeline", str(tmp_path / "nope")]) == 1
+    assert "no such folder" in one_error_line(capsys, "demo")
+    assert not out.exists()
+
+
+def test_a_file_where_the_output_folder_should_be_is_exit_code_1_with_one_line(tmp_path, capsys):
+    (tmp_path / "notes").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "notes")]) == 1
+    assert "is a file" in one_error_line(capsys, "demo")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_a_read_only_output_folder_is_exit_code_1_with_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):
+    def read_only(self, *args, **kwargs):                    # as the OS answers on a read-only disk (root or not)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 1
+    err = one_error_line(capsys, "demo")
+    assert str(tmp_path / "demo") in err and "choose a folder" in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_folder_without_write_permission_is_exit_code_1_with_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["workbook", "build", "--out", str(locked / "wb"), "--tasks", "ch01"]) == 1
+        assert "Permission denied" in one_error_line(capsys, "workbook build")
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("raised, code, says", [
+    (ValueError("first line\nsecond line"), 1, "first line (the rest: run again with MINILDM_TRACEBACK=1)"),
+    (FloatingPointError("the loss is nan at step 3"), 1, "the loss is nan at step 3"),
+    (NotImplementedError("ch02.gaussian_kl: write it in the workbook"), 1, "ch02.gaussian_kl"),
+    (PermissionError(errno.EACCES, "Permission denied", "grade.json"), 1, "check its permissions"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_a_failing_command_prints_only_the_first_line_of_its_error(raised, code, says, capsys, monkeypatch):
+    def fails(args):
+        raise raised
+
+    monkeypatch.setattr(minildm.cli, "cmd_grade", fails)
+    monkeypatch.delenv("MINILDM_TRACEBACK", raising=False)
+    assert main(["grade"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("minildm grade: ") and says in err, err
+
+
+def test_minildm_traceback_1_shows_the_traceback_and_a_bug_always_does(monkeypatch):
+    def fails(args):
+        raise ValueError("a user error")
+
+    monkeypatch.setattr(minildm.cli, "cmd_grade", fails)
+    monkeypatch.setenv("MINILDM_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="a user error"):
+        main(["grade"])
+    monkeypatch.delenv("MINILDM_TRACEBACK")
+    monkeypatch.setattr(minildm.cli, "cmd_grade", lambda args: {}["a bug"])
+    with pytest.raises(KeyError):                            # not a user's error: the traceback helps whoever fixes it
+        main(["grade"])
 
 
 def test_train_vae_command_trains_resumes_and_exports(tmp_path, capsys):

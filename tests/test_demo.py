@@ -88,7 +88,8 @@ def write_image(path, size=64, mode="RGB", value=0):
 
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, f"expected one 'error: ...' line, got:\n{err}"
+    assert err.startswith("minildm ") and ": error: " in err and "\n" not in err, \
+        f"expected one 'minildm <command>: error: ...' line, got:\n{err}"
     return err
 
 
@@ -134,10 +135,10 @@ def test_train_pipeline_trains_exports_and_resumes_a_finished_run(folders, tmp_p
     LatentDiffusion.from_folder(exported, "cpu").text_to_image("a red circle", steps=2)
 
 
-@pytest.mark.parametrize("args, says", [(["--train", "--pipeline", "."], "--train"),
-                                        (["--pipeline", "no-such-folder"], "no such folder")])
-def test_demo_command_rejects_bad_options_with_one_line(tmp_path, capsys, args, says):
-    assert main(["demo", "--out", str(tmp_path / "demo"), *args]) == 2
+@pytest.mark.parametrize("args, says, code", [(["--train", "--pipeline", "."], "--train", 2),      # by argparse
+                                              (["--pipeline", "no-such-folder"], "no such folder", 1)])
+def test_demo_command_rejects_bad_options_with_one_line(tmp_path, capsys, args, says, code):
+    assert main(["demo", "--out", str(tmp_path / "demo"), *args]) == code
     assert says in one_line_error(capsys)
 
 
@@ -173,7 +174,7 @@ def test_sample_edits_a_64x64_image(folders, tmp_path, mode):
 def test_sample_never_overwrites_a_file_unless_forced(folders, tmp_path, capsys):
     out = tmp_path / "mine.png"
     out.write_bytes(b"not to be lost")
-    assert sample(folders, out, "--prompt", "a red circle", "--num", "1") == 2
+    assert sample(folders, out, "--prompt", "a red circle", "--num", "1") == 1
     assert "--force" in one_line_error(capsys)
     assert out.read_bytes() == b"not to be lost"
     assert sample(folders, out, "--prompt", "a red circle", "--num", "1", "--force") == 0
@@ -189,7 +190,7 @@ def test_sample_never_overwrites_a_file_unless_forced(folders, tmp_path, capsys)
     ("not a png name", ".png"),
     ("missing image", "no such file"),
 ])
-def test_sample_rejects_bad_input_with_one_line_and_exit_code_2(folders, tmp_path, capsys, case, says):
+def test_sample_rejects_bad_input_with_one_line_and_exit_code_1(folders, tmp_path, capsys, case, says):
     image = write_image(tmp_path / "in.png")
     args = {"unknown word": ["--prompt", "a pink circle"],
             "small init image": ["--prompt", "a red circle", "--init-image", write_image(tmp_path / "s.png", 32)],
@@ -199,6 +200,6 @@ def test_sample_rejects_bad_input_with_one_line_and_exit_code_2(folders, tmp_pat
             "not a png name": ["--prompt", "a red circle"],
             "missing image": ["--prompt", "a red circle", "--init-image", str(tmp_path / "nope.png")]}[case]
     out = tmp_path / ("grid.jpg" if case == "not a png name" else "grid.png")
-    assert sample(folders, out, *args) == 2
+    assert sample(folders, out, *args) == 1
     assert says in one_line_error(capsys)
     assert not out.exists()

@@ -163,7 +163,7 @@ def test_an_existing_folder_is_refused_and_force_keeps_it_aside(tmp_path, capsys
     out = tmp_path / "wb"
     out.mkdir()
     (out / "my_solution.py").write_text("weeks of work")
-    assert main(["workbook", "build", "--out", str(out), "--tasks", "ch01"]) == 2
+    assert main(["workbook", "build", "--out", str(out), "--tasks", "ch01"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err and "already exists" in err
     assert (out / "my_solution.py").read_text() == "weeks of work"
@@ -173,9 +173,9 @@ def test_an_existing_folder_is_refused_and_force_keeps_it_aside(tmp_path, capsys
 
 
 def test_an_unknown_task_for_the_builder_or_grader_is_a_one_line_error_listing_the_known(tmp_path, capsys):
-    assert main(["workbook", "build", "--out", str(tmp_path / "wb"), "--tasks", "ch02.kl"]) == 2
-    assert main(["grade", "ch99", "--impl", str(ROOT)]) == 2
-    assert main(["grade", "--use-reference-for", "ch9", "--impl", str(ROOT)]) == 2
+    assert main(["workbook", "build", "--out", str(tmp_path / "wb"), "--tasks", "ch02.kl"]) == 1
+    assert main(["grade", "ch99", "--impl", str(ROOT)]) == 1
+    assert main(["grade", "--use-reference-for", "ch9", "--impl", str(ROOT)]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all("ch02.gaussian_kl" in line or "ch01" in line for line in lines), lines
     assert not (tmp_path / "wb").exists()
@@ -309,7 +309,7 @@ def test_grade_cli_prints_the_table_and_writes_grade_json_but_never_over_a_forei
     monkeypatch.chdir(workbook)                            # inside a workbook: it is graded by default
     foreign = tmp_path / "grade.json"
     foreign.write_text("my notes")
-    assert main(["grade", "ch01.latent_shape", "--report", str(foreign)]) == 2
+    assert main(["grade", "ch01.latent_shape", "--report", str(foreign)]) == 1
     assert foreign.read_text() == "my notes" and "--report" in capsys.readouterr().err
     report = tmp_path / "out" / "grade.json"
     assert main(["grade", "ch01.latent_shape", "--report", str(report)]) == 0

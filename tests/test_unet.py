@@ -210,7 +210,8 @@ def test_every_skip_connection_changes_the_answer():
 
 
 def test_training_step_gives_every_parameter_a_finite_nonzero_gradient():
-    model = tiny_unet(block_out_channels=(16, 32, 32), attention_levels=(True, False, True), transformer_depth=2).train()
+    model = tiny_unet(block_out_channels=(16, 32, 32), attention_levels=(True, False, True),
+                      transformer_depth=2).train()
     zt, context = inputs()
     target = torch.randn_like(zt, generator=torch.Generator().manual_seed(2))
     loss = torch.nn.functional.mse_loss(model(zt, torch.tensor([3, 900]), context), target)
