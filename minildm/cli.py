@@ -60,8 +60,8 @@ def real_number(low: float, high: float = math.inf, low_open: bool = False, high
 def whole_numbers(low: int, high: int | None, example: str):
     """An argparse `type=`: comma-separated whole numbers in [low, high], e.g. channels "32,64". The text is returned
     (in a clean spelling) for the commands to read; it is only checked here."""
-    expected = f"comma-separated whole numbers {f'from {low} to {high}' if high is not None else f'of {low} or more'}" \
-               f" like {example}"
+    each = f"from {low} to {high}" if high is not None else f"each {low} or more"
+    expected = f"comma-separated whole numbers {each}, like {example}"
 
     def parse(text: str) -> str:
         try:
@@ -74,15 +74,15 @@ def whole_numbers(low: int, high: int | None, example: str):
     return parse
 
 
-POSITIVE = whole_number(1)                                  # steps, sizes, counts, intervals
+POSITIVE = whole_number(1)                                      # steps, sizes, counts, intervals
 NON_NEGATIVE = whole_number(0)
-SEED = whole_number(0, 2**63 - 1, high_text="2**63 - 1")      # what every generator (torch, numpy) takes
+SEED = whole_number(0, 2**63 - 1, high_text="2**63 - 1")        # what every generator (torch, numpy) takes
 THREADS = whole_number(0, note=" (0: torch's choice)")
-FRACTION = real_number(0.0, 1.0)                            # a share, img2img's strength
-POSITIVE_REAL = real_number(0.0, low_open=True)             # a learning rate, a timeout
-NON_NEGATIVE_REAL = real_number(0.0)                        # a guidance scale, a loss weight
-CHANNELS = whole_numbers(1, None, "32,64")                  # block_out_channels, one entry per level
-EMA_DECAY = real_number(0.0, 1.0, high_open=True)          # 1 would never move
+POSITIVE_REAL = real_number(0.0, low_open=True)                 # a learning rate, a timeout
+NON_NEGATIVE_REAL = real_number(0.0)                            # a guidance scale, a loss weight
+FRACTION = real_number(0.0, 1.0)                                # a share, img2img's strength
+EMA_DECAY = real_number(0.0, 1.0, high_open=True)               # 1 would never move
+CHANNELS = whole_numbers(1, None, "32,64")                      # block_out_channels, one entry per level
 LEVEL_FLAGS = whole_numbers(0, 1, "1,1 (1: the level attends)")
 
 
