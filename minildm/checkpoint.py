@@ -194,7 +194,7 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any], *,
     recover_interrupted_save(folder)                 # a save cut short earlier is finished first
     ours = check_replaceable(folder, kind, keep_old, {*files, *MANIFEST_HOLDERS})
     tmp = new_temporary_folder(folder)
-    aside, moved = in_flight(folder.parent / f".{folder.name}.old-{os.getpid()}"), False
+    aside, moved = folder.parent / f".{folder.name}.old-{os.getpid()}", False
     try:
         write_files(tmp, with_manifest(files, kind))
         if folder.exists():
@@ -207,8 +207,6 @@ def write_folder_atomically(folder: str | os.PathLike, files: dict[str, Any], *,
             os.replace(aside, folder)  # the swap failed after the old folder moved aside: put it back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        IN_FLIGHT.difference_update({tmp, aside})
     if moved:
         put_away(aside, folder, keep_old, ours)
     return folder
@@ -238,19 +236,12 @@ def write_files(tmp: Path, files: dict[str, Any]) -> None:
 
 # The temporary names a save uses beside its target carry the process id (.NAME.tmp-PID-xxxx, .NAME.old-PID,
 # .FILE.tmp-PID), so that a later process can tell a crashed save's leftovers from a save still running.
-IN_FLIGHT: set[Path] = set()             # this process's temporary names in use right now
 TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)(?:-[^/]*)?$")
-
-
-def in_flight(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    IN_FLIGHT.add(path)
-    return path
 
 
 def new_temporary_folder(folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = in_flight(Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private (0700); a checkpoint gets the usual permissions
@@ -258,13 +249,14 @@ def new_temporary_folder(folder: Path) -> Path:
 
 
 def is_stale(path: Path) -> bool:
-    """A temporary name of ours whose process is gone (our own process: one not in use now)."""
+    """A temporary name of ours whose process is gone. Our own process counts as gone: its saves run one at a time
+    and are over when anything else runs, so a name with our id is a leftover of an earlier process that had it."""
     match = TEMP_NAME.search(path.name)
     if match is None:
         return False
     pid = int(match.group(1))
     if pid == os.getpid():
-        return Path(os.path.abspath(path)) not in IN_FLIGHT
+        return True
     if os.name != "posix":
         return False                     # no safe way to ask whether another process lives: leave its files alone
     try:
@@ -281,7 +273,8 @@ def recover_interrupted_save(folder: str | os.PathLike) -> Path | None:
     `folder` missing beside a `.NAME.old-PID` (the crash fell between the swap's two renames): put it back;
     a `.NAME.old-PID` beside `folder` (the crash came after the swap): keep it as NAME.old-N; unfinished
     `.NAME.tmp-PID-*` folders beside it and `.FILE.tmp-PID` files in it: remove them. Only names whose process is
-    gone are touched. Returns the restored folder, or None when nothing was restored."""
+    gone are touched (so one process saves a given folder at a time, as the trainers' rank 0 does). Returns the
+    restored folder, or None when nothing was restored."""
     folder = Path(folder)
     if not folder.parent.is_dir():
         return None
@@ -314,12 +307,9 @@ def save_file_atomically(tensors: dict[str, torch.Tensor], path: str | os.PathLi
     """One safetensors file, written beside `path` and renamed over it: a crash never leaves half a file there.
     In a folder of ours it joins the folder's manifest (a VAE file beside the model it was tuned from)."""
     path = Path(path)
-    tmp = in_flight(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        IN_FLIGHT.discard(tmp)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
     record_written(path)
     return path
 
@@ -333,12 +323,9 @@ def record_written(path: Path) -> None:
             manifest = content.get(MANIFEST_KEY) if isinstance(content, dict) else None
             if isinstance(manifest, dict) and path.name not in manifest.get("files", []):
                 manifest["files"] = sorted([*manifest.get("files", []), path.name])
-                tmp = in_flight(holder.with_name(f".{holder.name}.tmp-{os.getpid()}"))
-                try:
-                    write_json(tmp, content)
-                    os.replace(tmp, holder)
-                finally:
-                    IN_FLIGHT.discard(tmp)
+                tmp = holder.with_name(f".{holder.name}.tmp-{os.getpid()}")
+                write_json(tmp, content)
+                os.replace(tmp, holder)
             return
 
 
@@ -418,7 +405,8 @@ def read_config(folder: str | os.PathLike) -> dict:
     recover_interrupted_save(folder)
     path = folder / CONFIG_NAME
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a model folder (expected a folder holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise FileNotFoundError(f"{folder}: not a model folder (expected a folder holding {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = read_json(path)
