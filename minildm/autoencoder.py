@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import (config_from_dict, load_state_dict, load_strict, load_weights_into, read_config,
-                                save_file_atomically)
+from minildm.checkpoint import (config_from_dict, load_config, load_state_dict, load_strict, load_weights_into,
+                                parse_json, read_safetensors_metadata, save_file_atomically)
 
 
 @dataclass
@@ -70,8 +69,9 @@ class AutoencoderConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        return config_from_dict(cls, d)
+    def from_dict(cls, d: dict, source=None) -> "AutoencoderConfig":
+        """Exactly the saved config: a missing or unknown field is an error naming `source` (checkpoint.py)."""
+        return config_from_dict(cls, d, source)
 
 
 def latent_shape(height: int, width: int, config: AutoencoderConfig | None = None) -> tuple[int, int, int]:
@@ -323,7 +323,7 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_folder(cls, folder) -> "AutoencoderKL":
         """A model folder (config.json + model.safetensors) -> the model, on the CPU, weights checked strictly."""
-        return load_weights_into(cls(AutoencoderConfig.from_dict(read_config(folder))), folder)
+        return load_weights_into(cls(load_config(AutoencoderConfig, folder)), folder)
 
     # The diffusion model works on z_0 = s * latent, so that z_0 has roughly unit variance like the noise.
     def to_z0(self, posterior_sample: Tensor) -> Tensor:
@@ -349,11 +349,12 @@ def save_decoder_file(vae: AutoencoderKL, path) -> None:
 
 def swap_decoder(vae: AutoencoderKL, path) -> AutoencoderKL:
     """Replace `vae`'s decoder with the one in a VAE file (the file's decoder may be wider or deeper)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("kind") != DECODER_FILE_KIND:
-        raise ValueError(f"{path}: not a minildm VAE decoder file (metadata kind={meta.get('kind')!r})")
-    file_config = AutoencoderConfig.from_dict(json.loads(meta["config"]))
+    meta = read_safetensors_metadata(path, "VAE file")
+    if meta.get("kind") != DECODER_FILE_KIND or "config" not in meta:
+        raise ValueError(f"{path}: not a minildm VAE decoder file (metadata kind={meta.get('kind')!r}); give a "
+                         f"decoder.safetensors written by save_decoder_file")
+    source = f"{path} (the config in its metadata)"
+    file_config = AutoencoderConfig.from_dict(parse_json(meta["config"], source), source)
     if file_config.latent_channels != vae.config.latent_channels:
         raise ValueError(
             f"{path}: decoder expects {file_config.latent_channels} latent channels but this VAE makes "
@@ -361,7 +362,7 @@ def swap_decoder(vae: AutoencoderKL, path) -> AutoencoderKL:
         )
     donor = AutoencoderKL(file_config)
     parts = nn.ModuleDict({"decoder": donor.decoder, "post_quant_conv": donor.post_quant_conv})
-    load_strict(parts, load_state_dict(path), str(path))
+    load_strict(parts, load_state_dict(path, "VAE file"), str(path))
     device = next(vae.parameters()).device
     vae.decoder, vae.post_quant_conv = donor.decoder.to(device), donor.post_quant_conv.to(device)
     return vae

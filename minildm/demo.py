@@ -18,6 +18,7 @@ from torch import Tensor
 
 from minildm import manifold, viz
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, compression_ratio, latent_shape
+from minildm.checkpoint import read_config
 from minildm.data import COLOURS, SHAPE_KINDS, ShapesDataset
 from minildm.metrics import psnr
 from minildm.pipeline import LatentDiffusion
@@ -136,7 +137,7 @@ def held_out(count: int, seed: int) -> tuple[Tensor, list[dict]]:
 
 def decoder_file_fits(pipe: LatentDiffusion, vae_folder: Path) -> bool:
     """The decoder file in `vae_folder` was fine-tuned on that VAE's latents: swap it only into the same VAE."""
-    config = json.loads((vae_folder / "config.json").read_text())
+    config = read_config(vae_folder)
     return pipe.space == "latent" and pipe.vae.config == AutoencoderConfig.from_dict(config)
 
 

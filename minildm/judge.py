@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,11 +39,11 @@ class JudgeConfig:
     geometry_dim: int = 32                         # width of the geometry embedding appended to the trunk's features
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JudgeConfig":
+    def from_dict(cls, d: dict, source=None) -> "JudgeConfig":
         d = dict(d)
         if "channels" in d:
             d["channels"] = tuple(d["channels"])   # JSON stores tuples as lists
-        return config_from_dict(cls, d)
+        return config_from_dict(cls, d, source)
 
     @property
     def feature_dim(self) -> int:
@@ -142,7 +143,7 @@ class Judge(nn.Module):
     @classmethod
     def from_folder(cls, folder) -> "Judge":
         """A model folder (config.json + model.safetensors) -> the judge, on the CPU, weights checked strictly."""
-        return load_weights_into(cls(JudgeConfig.from_dict(read_config(folder))), folder)
+        return load_weights_into(cls(JudgeConfig.from_dict(read_config(folder), Path(folder) / CONFIG_NAME)), folder)
 
 
 @torch.no_grad()
@@ -300,7 +301,8 @@ def export_judge(folder, judge: Judge, record: dict, half: bool = True) -> None:
     """Write the judge as a model folder: config.json, model.safetensors (float16 if `half`) and training.json."""
     weights = rounded(judge) if half else judge.state_dict()
     write_folder_atomically(folder, {CONFIG_NAME: dataclasses.asdict(judge.config), WEIGHTS_NAME: weights,
-                                     "training.json": {**record, "weights_dtype": "float16" if half else "float32"}})
+                                     "training.json": {**record, "weights_dtype": "float16" if half else "float32"}},
+                            kind="model")
 
 
 def make_judge_asset(folder, steps: int = 1200, num_images: int = 12_000) -> dict:

@@ -14,7 +14,6 @@ to_z0, from_z0 and config.downsampling_factor. A saved pipeline is a folder of m
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minildm.autoencoder import AutoencoderKL, swap_decoder
-from minildm.checkpoint import config_from_dict, model_files, write_folder_atomically
+from minildm.checkpoint import (config_from_dict, model_files, read_json, recover_interrupted_save,
+                                write_folder_atomically)
 from minildm.device import cpu_generator, default_dtype, get_device, randn
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, check_strength, img2img_start, make_sampler, sample
@@ -324,19 +324,28 @@ class LatentDiffusion:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
-                    vae: nn.Module | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusion":
+                    vae: nn.Module | str | os.PathLike | None = None,
+                    dtype: torch.dtype | None = None) -> "LatentDiffusion":
         """A folder written by save_pipeline -> the pipeline, in eval mode on `device` (default: get_device()).
-        A pixel-space pipeline stores no VAE: it gets the identity autoencoder (pixel_space.PixelSpace)."""
+        A pixel-space pipeline stores no VAE: it gets the identity autoencoder (pixel_space.PixelSpace). `vae`
+        replaces the VAE pipeline.json names: a model, or a VAE folder (the way to use one outside the pipeline's
+        parent folder, which pipeline.json alone may not point to)."""
         folder = Path(folder)
+        recover_interrupted_save(folder)
         meta_path = folder / PIPELINE_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"{folder}: not a pipeline folder (no {PIPELINE_NAME}); write one with "
                                     f"save_pipeline")
-        meta = json.loads(meta_path.read_text())
-        if vae is None and (meta.get("space") == "pixel" or meta.get("vae") is None):
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}; write the folder "
+                             f"again with save_pipeline")
+        if isinstance(vae, (str, os.PathLike)):
+            vae, vae_name = AutoencoderKL.from_folder(vae), str(Path(vae) / "config.json")
+        elif vae is None and (meta.get("space") == "pixel" or meta.get("vae") is None):
             vae, vae_name = PixelSpace(), "the identity autoencoder (pixel space)"
         elif vae is None:
-            vae_folder = vae_path(folder, meta["vae"])
+            vae_folder = vae_path(folder, meta["vae"], meta_path)
             if not (vae_folder / "config.json").is_file():
                 raise FileNotFoundError(f"{meta_path} points to the VAE folder {meta['vae']!r}, but {vae_folder} holds "
                                         f"no config.json; put the VAE there or save the pipeline with its VAE inside")
@@ -350,7 +359,7 @@ class LatentDiffusion:
         scheduler_path = folder / SCHEDULER_NAME
         if not scheduler_path.is_file():
             raise FileNotFoundError(f"{scheduler_path}: missing; a pipeline folder holds the NoiseSchedule there")
-        schedule = config_from_dict(NoiseSchedule, json.loads(scheduler_path.read_text()))
+        schedule = config_from_dict(NoiseSchedule, read_json(scheduler_path), scheduler_path)
         names = {"vae": vae_name, "unet": "unet/config.json", "text_encoder": "text_encoder/config.json",
                  "tokenizer": "text_encoder/vocab.json", "schedule": SCHEDULER_NAME}
         problems = mismatches(vae, unet, text_encoder, tokenizer, schedule, names)
@@ -367,16 +376,29 @@ class LatentDiffusion:
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def vae_path(folder: Path, vae_folder_name: str) -> Path:
-    """The VAE folder a pipeline names, relative to the pipeline's folder. Normalised by hand: the system would
-    resolve "ldm/../vae" only once "ldm" exists, and a pipeline is checked before it is written."""
+def vae_path(folder: Path, vae_folder_name: str, source: str | os.PathLike = PIPELINE_NAME,
+             fix: str = "if you trust it, pass it explicitly: LatentDiffusion.from_folder(..., vae={target!r})",
+             ) -> Path:
+    """The VAE folder a pipeline names, relative to the pipeline's folder, and never outside the folder that holds
+    the pipeline: a downloaded pipeline.json must not pick a folder elsewhere on the disk (pass one explicitly with
+    from_folder(vae=...)). Normalised by hand: the system would resolve "ldm/../vae" only once "ldm" exists, and a
+    pipeline is checked before it is written."""
+    if not isinstance(vae_folder_name, str) or not vae_folder_name:
+        raise ValueError(f"{source}: \"vae\" must name a folder (e.g. \"vae\" or \"../shapes64-vae\"), got "
+                         f"{vae_folder_name!r}")
+    target = Path(os.path.normpath(Path(folder).absolute() / vae_folder_name))
+    home = Path(os.path.normpath(Path(folder).absolute().parent))
+    if Path(vae_folder_name).is_absolute() or not target.is_relative_to(home):
+        raise ValueError(f"{source}: the VAE folder {vae_folder_name!r} lies outside {home}, the only place a "
+                         f"pipeline may point to; " + fix.format(target=str(target)))
     return Path(os.path.normpath(Path(folder) / vae_folder_name))
 
 
 def check_vae_reference(folder: Path, vae_folder_name: str, vae: nn.Module) -> None:
     """A pipeline that points to a VAE folder must get back the VAE it was saved with (not, say, the original
     decoder after a swap): refuse to write a reference that would load different weights."""
-    target = vae_path(folder, vae_folder_name)
+    target = vae_path(folder, vae_folder_name, "vae_folder_name", "save the VAE beside the pipeline folder, or pass "
+                      "vae_folder_name=None to store it inside")
     if not (target / "config.json").is_file():
         raise FileNotFoundError(f"{target}: no VAE model folder there; save the VAE there first, or pass "
                                 f"vae_folder_name=None to store it inside the pipeline")
@@ -392,7 +414,8 @@ def save_pipeline(folder: str | os.PathLike, pipe: LatentDiffusion, vae_folder_n
                   extra_files: dict | None = None) -> Path:
     """Write `folder/` = unet/, text_encoder/ (with vocab.json), scheduler.json, pipeline.json, and vae/ unless
     `vae_folder_name` names a VAE folder relative to `folder` (e.g. "../shapes64-vae", shared by several models);
-    `extra_files` (e.g. training.json) go in too. One atomic write: an interrupted save leaves the old pipeline whole."""
+    `extra_files` (e.g. training.json) go in too. One atomic write: an interrupted save leaves the old pipeline whole,
+    and a pipeline folder already there is kept as NAME.old-N (anything else there is refused)."""
     folder = Path(folder)
     latent = pipe.space == "latent"
     if latent and vae_folder_name is not None:
@@ -405,7 +428,7 @@ def save_pipeline(folder: str | os.PathLike, pipe: LatentDiffusion, vae_folder_n
     files[PIPELINE_NAME] = {"vae": (vae_folder_name or "vae") if latent else None, "space": pipe.space,
                             "guidance_scale": pipe.guidance_scale, "sampler": pipe.sampler, "steps": pipe.steps}
     files[SCHEDULER_NAME] = pipe.schedule.to_dict()
-    return write_folder_atomically(folder, {**files, **(extra_files or {})})
+    return write_folder_atomically(folder, {**files, **(extra_files or {})}, kind="pipeline")
 
 
 __all__ = [

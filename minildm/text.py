@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import re
 import textwrap
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import config_from_dict, load_weights_into, model_files, read_config, write_folder_atomically
+from minildm.checkpoint import (config_from_dict, load_config, load_weights_into, model_files, read_json,
+                                recover_interrupted_save, write_folder_atomically)
 from minildm.data import COLOURS, POSITION_WORDS, SHAPE_KINDS, SIZE_WORDS, ShapeFactors, caption
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")   # ids 0, 1, 2: padding is id 0, so a fresh tensor of zeros is padding
@@ -118,11 +118,22 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
         """The tokenizer saved beside a text encoder by `save_text_encoder` (its vocab.json)."""
+        recover_interrupted_save(folder)
         path = Path(folder) / VOCAB_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; a text encoder folder saved by save_text_encoder holds it")
-        saved = json.loads(path.read_text())
-        return cls(words=saved["words"][len(SPECIAL_TOKENS):], max_length=saved["max_length"])
+        saved = read_json(path)
+        words = saved.get("words") if isinstance(saved, dict) else None
+        max_length = saved.get("max_length") if isinstance(saved, dict) else None
+        if (not isinstance(words, list) or not all(isinstance(w, str) for w in words)
+                or tuple(words[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS or not isinstance(max_length, int)):
+            raise ValueError(f"{path}: expected {{\"words\": [{', '.join(SPECIAL_TOKENS)}, words...], \"max_length\": "
+                             f"an integer}}; restore the file from where it came (its ids must match the encoder)")
+        tokenizer = cls(words=words[len(SPECIAL_TOKENS):], max_length=max_length)
+        if tokenizer.words != words:          # a repeated word would shift every later id
+            raise ValueError(f"{path}: the vocabulary repeats a word, so its ids are ambiguous; restore the file from "
+                             f"where it came")
+        return tokenizer
 
 
 @dataclass
@@ -142,8 +153,9 @@ class TextEncoderConfig:
                              f"channels, so pick e.g. dim={self.heads * 16}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TextEncoderConfig":
-        return config_from_dict(cls, d)
+    def from_dict(cls, d: dict, source=None) -> "TextEncoderConfig":
+        """Exactly the saved config: a missing or unknown field is an error naming `source` (checkpoint.py)."""
+        return config_from_dict(cls, d, source)
 
 
 class TextTransformerBlock(nn.Module):
@@ -211,7 +223,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_folder(cls, folder) -> "TextEncoder":
         """A model folder (config.json + model.safetensors) -> the encoder, on the CPU, weights checked strictly."""
-        return load_weights_into(cls(TextEncoderConfig.from_dict(read_config(folder))), folder)
+        return load_weights_into(cls(load_config(TextEncoderConfig, folder)), folder)
 
 
 def text_encoder_files(encoder: TextEncoder, tokenizer: Tokenizer) -> dict:
@@ -226,4 +238,4 @@ def text_encoder_files(encoder: TextEncoder, tokenizer: Tokenizer) -> dict:
 
 def save_text_encoder(folder, encoder: TextEncoder, tokenizer: Tokenizer) -> Path:
     """Save the encoder and its vocabulary as a model folder."""
-    return write_folder_atomically(folder, text_encoder_files(encoder, tokenizer))
+    return write_folder_atomically(folder, text_encoder_files(encoder, tokenizer), kind="model")

@@ -444,7 +444,7 @@ class LDMTrainer:
                                      "image_size": self.cfg.image_size, "tokenizer_words": self.tokenizer.words},
                      "model.safetensors": self.model.state_dict(), "ema.safetensors": self.ema.shadow,
                      "optimizer.safetensors": opt_tensors, "trainer.json": trainer}
-            write_folder_atomically(self.out / CHECKPOINT, files)
+            write_folder_atomically(self.out / CHECKPOINT, files, kind="ldm-training-checkpoint", keep_old=False)
         if self.world_size > 1:
             dist.barrier()
 

@@ -296,7 +296,7 @@ class VAETrainer:
             files["disc_optimizer.safetensors"] = disc_tensors
             trainer["disc_optimizer_groups"] = disc_groups
         files[TRAINER_NAME] = trainer
-        write_folder_atomically(self.out, files)
+        write_folder_atomically(self.out, files, kind="vae-training-checkpoint", keep_old=False)
         if self.cfg.finetune_decoder:
             save_decoder_file(self.vae, self.out / "decoder.safetensors")
 
@@ -334,7 +334,7 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
         with safe_open(str(decoder), framework="pt") as f:
             metadata = f.metadata()
         files["decoder.safetensors"] = save(stored(load_file(str(decoder))), metadata=metadata)
-    return write_folder_atomically(export_to, files)
+    return write_folder_atomically(export_to, files, kind="model")
 
 
 __all__ = ["VAETrainConfig", "VAETrainer", "apply_learning_rate", "encode_moments", "export_model", "learning_rate", "step_generator"]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
 from minildm.autoencoder import ResBlock, Upsample, group_norm
-from minildm.checkpoint import config_from_dict, load_weights_into, read_config
+from minildm.checkpoint import load_config, load_weights_into
 
 
 @dataclass
@@ -355,4 +355,4 @@ class UNet(nn.Module):
     @classmethod
     def from_folder(cls, folder) -> "UNet":
         """A model folder (config.json + model.safetensors) -> the U-Net, on the CPU, weights checked strictly."""
-        return load_weights_into(cls(config_from_dict(UNetConfig, read_config(folder))), folder)
+        return load_weights_into(cls(load_config(UNetConfig, folder)), folder)

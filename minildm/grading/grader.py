@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from minildm.checkpoint import read_json
 from minildm.grading.regions import (
     RegionError,
     find_regions,
@@ -161,7 +162,7 @@ def default_tasks(impl: Path, patterns: list[str] | None) -> list[Task]:
         return select(patterns)
     manifest = impl / MANIFEST
     if manifest.is_file():
-        ids = [i for i in json.loads(manifest.read_text()).get("tasks", []) if i in TASKS]
+        ids = [i for i in read_json(manifest).get("tasks", []) if i in TASKS]
         return select(ids) if ids else select(None)
     return select(None)
 

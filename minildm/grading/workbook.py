@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from minildm.checkpoint import free_old_name, parse_json
 from minildm.grading.regions import (
     Region,
     RegionError,
@@ -89,7 +90,7 @@ def text_lines(file: Path) -> list[str]:
     """The lines a reader would see: for a notebook, the lines of its cells' sources."""
     text = file.read_text(encoding="utf-8", errors="replace")
     if file.suffix == ".ipynb":
-        cells = json.loads(text).get("cells", [])
+        cells = parse_json(text, file).get("cells", [])
         return [line for cell in cells for line in "".join(cell.get("source", [])).splitlines()]
     return text.splitlines()
 
@@ -163,13 +164,6 @@ The rest of the test suite (`python -m pytest`) tests the whole package: it fail
 """
 
 
-def free_name(path: Path) -> Path:
-    n = 1
-    while path.with_name(f"{path.name}.old-{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}.old-{n}")
-
-
 def build_workbook(out: str | Path, patterns: list[str] | None = None, force: bool = False,
                    root: Path = REPO_ROOT) -> Workbook:
     """Write the workbook for the tasks matching `patterns` (all when None) to `out`; see the module docstring."""
@@ -179,7 +173,7 @@ def build_workbook(out: str | Path, patterns: list[str] | None = None, force: bo
             raise ValueError(f"--out {out} is inside the source's {name}/; choose a folder outside it")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose a new --out, or add --force to build a fresh workbook "
-                              f"there (the existing folder is kept, renamed to {free_name(out).name})")
+                              f"there (the existing folder is kept, renamed to {free_old_name(out).name})")
     tasks = select(patterns)
     by_task = check_markers(root)
     chosen = [r for t in tasks for r in by_task[t.id]]
@@ -213,7 +207,7 @@ def build_workbook(out: str | Path, patterns: list[str] | None = None, force: bo
             raise RegionError("the workbook failed its checks, nothing was written:\n  " + "\n  ".join(problems))
         moved = None
         if out.exists():
-            moved = free_name(out)
+            moved = free_old_name(out)
             out.rename(moved)
         building.rename(out)
         return Workbook(out, tasks, moved)
