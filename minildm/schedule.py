@@ -64,6 +64,21 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
+@dataclass(frozen=True)
+class NoiseLevel:
+    """A point of the forward process named by its alpha_bar instead of by a training timestep. The sigma-space
+    samplers of chapter 07 stand between the timesteps; every conversion of `NoiseSchedule` that takes t takes one
+    of these in its place."""
+
+    alpha_bar: float | Tensor                       # one value for the whole batch, or one per item (B,)
+
+    @classmethod
+    def from_sigma(cls, sigma: float | Tensor) -> NoiseLevel:
+        """The level of the Karras noise level sigma: x = z_t / sqrt(alpha_bar) = z_0 + sigma eps."""
+        # sigma^2 = (1 - alpha_bar) / alpha_bar  =>  alpha_bar = 1 / (1 + sigma^2)
+        return cls(1 / (1 + sigma ** 2))
+
+
 @dataclass
 class NoiseSchedule:
     """The betas and everything derived from them, plus the conventions a sampler needs (see the module docstring).
@@ -134,15 +149,32 @@ class NoiseSchedule:
         """lambda_t = log SNR_t; DPM-Solver steps in this variable (its half is log(alpha_t / sigma_t))."""
         return self.alpha_bar.log() - (1 - self.alpha_bar).log()
 
-    def coefficients(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for integer timesteps t, shaped (B, 1, 1, 1) like `like`."""
-        t = torch.as_tensor(t, device=self.alpha_bar.device).long().reshape(-1)
-        if t.numel() and (t.min() < 0 or t.max() >= self.num_timesteps):
-            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}; got {t.min().item()}..{t.max().item()}")
-        a = self.alpha_bar[t]                                       # float64: 1 - a keeps its digits at small t
+    def coefficients(self, t: Tensor | int | NoiseLevel, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer timesteps t, or at a NoiseLevel between them.
+
+        One level for the whole batch (an int t, or a level of one float) gives two Python floats: they broadcast
+        like tensors and need no copy to the latent's device. One per item gives (B, 1, 1, 1) tensors like `like`.
+        """
+        if isinstance(t, NoiseLevel):
+            alpha_bar = t.alpha_bar
+        elif isinstance(t, int):
+            self.check_timesteps(t, t)
+            alpha_bar = float(self.alpha_bar[t])
+        else:
+            t = torch.as_tensor(t, device=self.alpha_bar.device).long().reshape(-1)
+            if t.numel():
+                self.check_timesteps(int(t.min()), int(t.max()))
+            alpha_bar = self.alpha_bar[t]                           # float64: 1 - alpha_bar keeps its digits at small t
+        if isinstance(alpha_bar, (int, float)):
+            return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1)
         shape = (-1,) + (1,) * (like.ndim - 1)                      # (B,) -> (B, 1, 1, 1) to broadcast
-        return (a.sqrt().to(like.device, like.dtype).view(shape),
-                (1 - a).sqrt().to(like.device, like.dtype).view(shape))
+        return (alpha_bar.sqrt().to(like.device, like.dtype).view(shape),
+                (1 - alpha_bar).sqrt().to(like.device, like.dtype).view(shape))
+
+    def check_timesteps(self, first: int, last: int) -> None:
+        if first < 0 or last >= self.num_timesteps:
+            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}; got {first}..{last}")
 
     # ------------------------------------------------------------------------------- the forward process
 
@@ -155,7 +187,8 @@ class NoiseSchedule:
         # END SOLUTION
 
     # ------------------------------------------------------------------- what the model predicts, converted
-    # Given z_t, any one of eps, z_0 and v determines the other two (Salimans & Ho 2022 for v).
+    # Given z_t, any one of eps, z_0 and v determines the other two (Salimans & Ho 2022 for v). These are the only
+    # place the conversions are written: t is an integer timestep (or one per item), or a NoiseLevel between them.
 
     def eps_to_z0(self, zt: Tensor, eps: Tensor, t) -> Tensor:
         a, b = self.coefficients(t, zt)
