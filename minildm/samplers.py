@@ -53,8 +53,9 @@ def spaced_timesteps(spacing: str, num_timesteps: int, num_steps: int, steps_off
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
     t = t[::-1].copy()
     if t.max() > num_timesteps - 1 or t.min() < 0 or (np.diff(t) >= 0).any():
-        raise ValueError(f"{spacing} spacing with steps_offset={steps_offset} gives timesteps outside 0..{num_timesteps - 1} "
-                         f"or repeated for {num_steps} steps; use fewer steps or another spacing")
+        raise ValueError(f"{spacing} spacing with steps_offset={steps_offset} gives timesteps outside "
+                         f"0..{num_timesteps - 1} or repeated for {num_steps} steps; use fewer steps or another "
+                         "spacing")
     return t
 
 
@@ -188,7 +189,8 @@ class DDPM(DiscreteSampler):
         beta_t = 1 - ab_t / ab_prev                     # the one-step beta between the two chosen timesteps
         z0, _ = self.predict(z, output, t)
         # posterior mean = sqrt(ab_prev) beta_t / (1 - ab_t) z0_hat + sqrt(1 - beta_t) (1 - ab_prev) / (1 - ab_t) z_t
-        mean = (math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0 + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * z
+        mean = ((math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0
+                + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * z)
         if t == 0:
             return mean, z0
         if self.variance_type == "fixed_small":
@@ -263,7 +265,8 @@ class PLMS(DiscreteSampler):
     def transfer(self, z: Tensor, eps: Tensor, t: int, ab_prev: float) -> Tensor:
         """Move z from t to the next timestep with the eps estimate (PNDM's transfer, eq. 11 of Liu et al.)."""
         ab_t = float(self.schedule.alpha_bar[t])
-        # z_prev = sqrt(ab_prev / ab_t) z - (ab_prev - ab_t) eps / (ab_t sqrt(1 - ab_prev) + sqrt(ab_t (1 - ab_t) ab_prev))
+        # z_prev = sqrt(ab_prev / ab_t) z
+        #          - (ab_prev - ab_t) eps / (ab_t sqrt(1 - ab_prev) + sqrt(ab_t (1 - ab_t) ab_prev))
         denominator = ab_t * math.sqrt(1 - ab_prev) + math.sqrt(ab_t * (1 - ab_t) * ab_prev)
         return math.sqrt(ab_prev / ab_t) * z - (ab_prev - ab_t) * eps / denominator
 
