@@ -37,7 +37,7 @@ def cosine_alpha_bar(s: float) -> float:
 
 
 def make_betas(kind: str, num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
-    """beta_t for t = 0 .. T-1 (float64). The float32 linspace is what diffusers computes, kept for parity."""
+    """beta_t for t = 0 .. T-1: computed in float32 (chapter 03 says why), returned in float64."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float32).double()
     if kind == "scaled_linear":
@@ -128,8 +128,8 @@ class NoiseSchedule:
 
     @property
     def finite_sigmas(self) -> Tensor:
-        """`sigmas` with the zero-terminal-SNR end kept finite: alpha_bar_T = 0 would make sigma_T infinite, and
-        diffusers' sigma-space schedulers put 2^-24 there instead. (T,)"""
+        """`sigmas` with the zero-terminal-SNR end kept finite: alpha_bar_T = 0 would make sigma_T infinite, and a
+        sampler in sigma cannot start from infinite noise, so 2^-24 stands in for alpha_bar there. (T,)"""
         alpha_bar = self.alpha_bar.clone()
         if self.rescale_betas_zero_snr:
             alpha_bar[-1] = 2.0 ** -24
@@ -149,32 +149,26 @@ class NoiseSchedule:
         """lambda_t = log SNR_t; DPM-Solver steps in this variable (its half is log(alpha_t / sigma_t))."""
         return self.alpha_bar.log() - (1 - self.alpha_bar).log()
 
-    def coefficients(self, t: Tensor | int | NoiseLevel, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer timesteps t, or at a NoiseLevel between them.
+    def alpha_bar_at(self, t: Tensor | int) -> Tensor | float:
+        """alpha_bar at an int timestep (a float) or at timesteps t (float64, (B,)); a ValueError outside 0..T-1."""
+        steps = torch.as_tensor(t, device=self.alpha_bar.device).long().reshape(-1)
+        if steps.numel() and (steps.min() < 0 or steps.max() >= self.num_timesteps):
+            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}; got "
+                             f"{steps.min().item()}..{steps.max().item()}")
+        alpha_bar = self.alpha_bar[steps]                           # float64: 1 - alpha_bar keeps its digits at small t
+        return float(alpha_bar) if isinstance(t, int) else alpha_bar
 
-        One level for the whole batch (an int t, or a level of one float) gives two Python floats: they broadcast
-        like tensors and need no copy to the latent's device. One per item gives (B, 1, 1, 1) tensors like `like`.
-        """
-        if isinstance(t, NoiseLevel):
-            alpha_bar = t.alpha_bar
-        elif isinstance(t, int):
-            self.check_timesteps(t, t)
-            alpha_bar = float(self.alpha_bar[t])
-        else:
-            t = torch.as_tensor(t, device=self.alpha_bar.device).long().reshape(-1)
-            if t.numel():
-                self.check_timesteps(int(t.min()), int(t.max()))
-            alpha_bar = self.alpha_bar[t]                           # float64: 1 - alpha_bar keeps its digits at small t
-        if isinstance(alpha_bar, (int, float)):
+    def coefficients(self, t: Tensor | int | NoiseLevel, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer timesteps t, or at a NoiseLevel between them:
+        (B, 1, 1, 1) tensors like `like`, one per item, or two plain numbers for one level for the whole batch."""
+        alpha_bar = t.alpha_bar if isinstance(t, NoiseLevel) else self.alpha_bar_at(t)
+        if not isinstance(alpha_bar, Tensor):
+            # one level for the whole batch: numbers broadcast like tensors and need no copy to the latent's device
             return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
-        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1)
+        alpha_bar = alpha_bar.double().reshape(-1)
         shape = (-1,) + (1,) * (like.ndim - 1)                      # (B,) -> (B, 1, 1, 1) to broadcast
         return (alpha_bar.sqrt().to(like.device, like.dtype).view(shape),
                 (1 - alpha_bar).sqrt().to(like.device, like.dtype).view(shape))
-
-    def check_timesteps(self, first: int, last: int) -> None:
-        if first < 0 or last >= self.num_timesteps:
-            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}; got {first}..{last}")
 
     # ------------------------------------------------------------------------------- the forward process
 
