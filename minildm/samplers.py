@@ -592,9 +592,10 @@ def sample(model_fn: ModelFn, noise: Tensor, sampler: Sampler, generator: torch.
         t = float(sampler.timesteps[i])
         zt = sampler.model_input(z, i)
         output = model_fn(zt, torch.full((z.shape[0],), t, device=z.device))
-        checks.append((i, t, torch.isfinite(output).all()))
-        if each_step:
-            raise_if_not_finite(checks[-1:])
+        finite = torch.isfinite(output).all()                   # 0-d, on the model's device
+        checks.append((i, t, finite))
+        if each_step and not finite:
+            raise_if_not_finite(checks)
         z, z0_hat = sampler.step(i, z, output, generator)
         if callback is not None:
             callback(Step(i, t, zt, output, z0_hat))
