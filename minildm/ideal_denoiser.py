@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from minildm.schedule import NoiseSchedule
+from minildm.schedule import NoiseLevel, NoiseSchedule
 
 
 class IdealDenoiser:
@@ -26,30 +26,23 @@ class IdealDenoiser:
             raise ValueError(f"latents must be a batch (K, C, h, w) of at least one; got shape {tuple(latents.shape)}")
         self.latents, self.schedule = latents, schedule
 
-    def alpha_bar(self, t: Tensor) -> Tensor:
-        """alpha_bar at (possibly fractional) timesteps, interpolating sigma as the sigma-space samplers do."""
-        sigma = self.schedule.sigma_at(t.detach().cpu().double().numpy())
-        return torch.from_numpy(1 / (1 + sigma ** 2))                     # alpha_bar = 1 / (1 + sigma^2)
+    def noise_level(self, t: Tensor) -> NoiseLevel:
+        """The level at (possibly fractional) timesteps, interpolating sigma as the sigma-space samplers do."""
+        return NoiseLevel.from_sigma(torch.from_numpy(self.schedule.sigma_at(t.detach().cpu().double().numpy())))
 
     def z0_hat(self, zt: Tensor, t: Tensor) -> Tensor:
         """The posterior mean E[z_0 | z_t]: (B, C, h, w)."""
-        ab = self.alpha_bar(t).to(zt.device, torch.float64).view(-1, 1)    # (B, 1)
         z = zt.double().flatten(1)                                          # (B, D)
         y = self.latents.to(zt.device, torch.float64).flatten(1)           # (K, D)
+        a, b = self.schedule.coefficients(self.noise_level(t), z)           # sqrt(ab), sqrt(1 - ab): (B, 1) each
         # |z_t - sqrt(ab) y_k|^2 for every pair: (B, K)
-        distance2 = (z.pow(2).sum(1, keepdim=True) - 2 * ab.sqrt() * z @ y.T + ab * y.pow(2).sum(1))
-        weights = torch.softmax(-distance2 / (2 * (1 - ab)), dim=1)         # (B, K), the posterior over k
+        distance2 = z.pow(2).sum(1, keepdim=True) - 2 * a * z @ y.T + a ** 2 * y.pow(2).sum(1)
+        weights = torch.softmax(-distance2 / (2 * b ** 2), dim=1)           # (B, K), the posterior over k
         return (weights @ y).view_as(zt).to(zt.dtype)
 
     def __call__(self, zt: Tensor, t: Tensor) -> Tensor:
         t = torch.as_tensor(t).reshape(-1).expand(zt.shape[0])
         z0 = self.z0_hat(zt, t)
-        ab = self.alpha_bar(t).to(zt.device, zt.dtype).view(-1, *([1] * (zt.ndim - 1)))
-        # eps = (z_t - sqrt(ab) z_0) / sqrt(1 - ab);  v = sqrt(ab) eps - sqrt(1 - ab) z_0
-        eps = (zt - ab.sqrt() * z0) / (1 - ab).sqrt()
-        kind = self.schedule.prediction_type
-        if kind == "epsilon":
-            return eps
-        if kind == "sample":
-            return z0
-        return ab.sqrt() * eps - (1 - ab).sqrt() * z0
+        level = self.noise_level(t)
+        eps = self.schedule.z0_to_eps(zt, z0, level)
+        return self.schedule.training_target(z0, eps, level)               # eps, z_0 or v, as the model would

@@ -4,18 +4,18 @@ Every sampler here answers the same two questions: at which timesteps to ask the
 to move z from one noise level to the next given the model's answer (`step`). They fall into two families:
 
 - discrete-time samplers (DDPM, DDIM, PLMS) step between timesteps t of the training schedule, on z_t itself;
-- sigma-space samplers (Euler, Euler ancestral, Heun, DPM++ 2M) see the same process as an ODE or SDE in the
-  noise level sigma (Karras et al. 2022): x = z_t / sqrt(alpha_bar_t) = z_0 + sigma eps. Euler and Heun step on x;
-  DPM-Solver++ steps on z_t in log-SNR.
+- sigma-space samplers choose noise levels sigma (Karras et al. 2022), which may fall between the timesteps. Euler,
+  Euler ancestral and Heun step on x = z_t / sqrt(alpha_bar_t) = z_0 + sigma eps, solving an ODE or SDE in sigma;
+  DPM-Solver++ steps on z_t itself, in log-SNR.
 
-Each is written to match its diffusers scheduler step for step (same timesteps, same formulas, the same noise
-drawn in the same order from the generator): the tests in tests/oracle/ hold them to it. Where diffusers' DDIM and
-PLMS step to `t - T // N` rather than to the next timestep they chose, we step to the next timestep; the two
-agree whenever the timesteps are evenly spaced ("leading", or "trailing" with N dividing T).
+Whatever the model predicts (eps, z_0 or v), its answer is read by the schedule's one conversion,
+`NoiseSchedule.predict_z0_and_eps`, at a timestep or at a `NoiseLevel` between them. Each sampler is tested equal
+to its diffusers scheduler (tests/oracle/); chapter 07, "Matching diffusers", lists where that takes care.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from minildm.device import randn
-from minildm.schedule import NoiseSchedule
+from minildm.schedule import TIMESTEP_SPACINGS, NoiseLevel, NoiseSchedule
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]       # model_fn(z_t, t) -> eps, z_0 or v, as the schedule says
+VARIANCE_TYPES = ("fixed_small", "fixed_large")    # DDPM's step variance: the posterior's own, or beta_t
 
 
 # --------------------------------------------------------------------------------------------- timesteps
@@ -35,11 +36,11 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]       # model_fn(z_t, t) -> eps, z_
 
 def spaced_timesteps(spacing: str, num_timesteps: int, num_steps: int, steps_offset: int = 0,
                      rounded: bool = True) -> np.ndarray:
-    """N of the T training timesteps, descending (Lin et al. 2024, table 2). numpy, as diffusers computes them,
-    so that a rounding tie breaks the same way.
+    """N of the T training timesteps, descending (Lin et al. 2024, table 2), as a numpy array.
 
-    linspace: evenly from T-1 down to 0;  leading: 0, T//N, 2T//N, ... (+ steps_offset), so the largest is below
-    T-1;  trailing: T-1, T-1-T/N, ..., so the first step starts from the noisiest timestep.
+    linspace: evenly from T-1 down to 0 (fractional in float32 when not `rounded`);  leading: 0, T//N, 2T//N, ...
+    (+ steps_offset), so the largest is below T-1;  trailing: T-1, T-1-T/N, ..., so the first step starts from the
+    noisiest timestep.
     """
     if spacing == "linspace":
         t = np.linspace(0, num_timesteps - 1, num_steps, dtype=np.float64 if rounded else np.float32)
@@ -49,11 +50,12 @@ def spaced_timesteps(spacing: str, num_timesteps: int, num_steps: int, steps_off
     elif spacing == "trailing":
         t = (np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)) - 1)[::-1]
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of leading, trailing, linspace")
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
     t = t[::-1].copy()
     if t.max() > num_timesteps - 1 or t.min() < 0 or (np.diff(t) >= 0).any():
-        raise ValueError(f"{spacing} spacing with steps_offset={steps_offset} gives timesteps outside 0..{num_timesteps - 1} "
-                         f"or repeated for {num_steps} steps; use fewer steps or another spacing")
+        raise ValueError(f"{spacing} spacing with steps_offset={steps_offset} gives timesteps outside "
+                         f"0..{num_timesteps - 1} or repeated for {num_steps} steps; use fewer steps or another "
+                         "spacing")
     return t
 
 
@@ -85,25 +87,25 @@ class Step:
 
 
 class Sampler:
-    """Base class. `timesteps[i]` is the i-th model evaluation; `step` turns its output into the next latent."""
+    """Base class. `timesteps[i]` is the i-th model evaluation; `step` turns its output into the next latent.
+
+    The base keeps its latent on z_t's own scale and starts from unit-variance noise. Each sampler's options are
+    keyword arguments of its `__init__`, which is where everything it keeps is set.
+    """
 
     name = ""
     order = 1                                           # model evaluations per step (Heun: 2)
-    options: dict = {}                                  # a sampler's own options and their defaults
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int, **options):
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, timestep_spacing: str | None = None):
         if not isinstance(num_steps, int) or not 1 <= num_steps <= schedule.num_timesteps:
             raise ValueError(f"num_steps must be an integer from 1 to {schedule.num_timesteps} (the schedule's T); "
                              f"got {num_steps!r}")
+        spacing = schedule.timestep_spacing if timestep_spacing is None else timestep_spacing
+        if spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
         self.schedule, self.num_steps = schedule, num_steps
-        self.spacing = options.pop("timestep_spacing", schedule.timestep_spacing)
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise ValueError(f"{self.name} has no option {', '.join(unknown)}; it takes "
-                             f"{', '.join(['timestep_spacing', *self.options]) or 'none'}")
-        for key, default in self.options.items():
-            setattr(self, key, options.get(key, default))
-        self.timesteps = torch.empty(0)
+        self.spacing = spacing                          # leading | trailing | linspace (None: the schedule's)
+        self.timesteps = torch.empty(0)                 # one per model evaluation; each family sets them
 
     @property
     def init_noise_sigma(self) -> float:
@@ -127,20 +129,13 @@ class Sampler:
         return (z0 + sigma * noise) / math.sqrt(1 + sigma ** 2)
 
     def start_index(self, strength: float) -> int:
-        """img2img: skip the first (1 - strength) of the steps, as diffusers does."""
+        """img2img: skip the first (1 - strength) of the steps, rounding the steps kept down."""
         skip = self.num_steps - min(int(self.num_steps * strength), self.num_steps)
         return skip * self.order
 
     def step(self, i: int, z: Tensor, output: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """(the next z, z0_hat) from evaluation i's output."""
         raise NotImplementedError
-
-    def predict(self, z: Tensor, output: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """(z0_hat, eps_hat) from the model's output at t; z0_hat clamped when the schedule says clip_sample."""
-        z0, eps = self.schedule.predict_z0_and_eps(z, output, t)
-        if self.schedule.clip_sample:
-            z0 = z0.clamp(-self.schedule.clip_sample_range, self.schedule.clip_sample_range)
-        return z0, eps
 
 
 # -------------------------------------------------------------------------------- discrete-time samplers
@@ -149,9 +144,9 @@ class Sampler:
 class DiscreteSampler(Sampler):
     """Samplers that step from training timestep t to the next chosen one, on z_t."""
 
-    def __init__(self, schedule, num_steps, **options):
-        super().__init__(schedule, num_steps, **options)
-        self.steps = spaced_timesteps(self.spacing, schedule.num_timesteps, num_steps, schedule.steps_offset)
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, timestep_spacing: str | None = None):
+        super().__init__(schedule, num_steps, timestep_spacing=timestep_spacing)
+        self.steps = spaced_timesteps(self.spacing, schedule.num_timesteps, num_steps, schedule.steps_offset)  # (N,)
         self.timesteps = torch.from_numpy(self.steps.astype(np.int64))
         if schedule.alpha_bar[int(self.steps[0])] == 0 and schedule.prediction_type == "epsilon":
             raise ValueError(f"{self.name} starts at t = {int(self.steps[0])}, where alpha_bar = 0 (zero terminal "
@@ -164,12 +159,26 @@ class DiscreteSampler(Sampler):
             return float(self.schedule.alpha_bar[int(self.steps[k + 1])])
         return 1.0 if self.schedule.set_alpha_to_one else float(self.schedule.alpha_bar[0])
 
+    def predict(self, z: Tensor, output: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """(z0_hat, eps_hat) from the model's output at t; z0_hat clamped when the schedule says clip_sample."""
+        z0, eps = self.schedule.predict_z0_and_eps(z, output, t)
+        if self.schedule.clip_sample:
+            z0 = z0.clamp(-self.schedule.clip_sample_range, self.schedule.clip_sample_range)
+        return z0, eps
+
 
 class DDPM(DiscreteSampler):
-    """Ho et al. (2020): sample the posterior q(z_prev | z_t, z0_hat), a Gaussian with known mean and variance."""
+    """Ho et al. (2020): sample the posterior q(z_prev | z_t, z0_hat), a Gaussian with known mean and variance.
+    The last step aims at a clean latent (alpha_bar = 1), as the paper's chain ends at z_0."""
 
     name = "ddpm"
-    options = {"variance_type": "fixed_small"}
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, variance_type: str = "fixed_small",
+                 timestep_spacing: str | None = None):
+        super().__init__(schedule, num_steps, timestep_spacing=timestep_spacing)
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"unknown variance_type {variance_type!r}; choose one of {', '.join(VARIANCE_TYPES)}")
+        self.variance_type = variance_type
 
     def alpha_bar_after(self, k):
         return float(self.schedule.alpha_bar[int(self.steps[k + 1])]) if k + 1 < len(self.steps) else 1.0
@@ -180,16 +189,15 @@ class DDPM(DiscreteSampler):
         beta_t = 1 - ab_t / ab_prev                     # the one-step beta between the two chosen timesteps
         z0, _ = self.predict(z, output, t)
         # posterior mean = sqrt(ab_prev) beta_t / (1 - ab_t) z0_hat + sqrt(1 - beta_t) (1 - ab_prev) / (1 - ab_t) z_t
-        mean = (math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0 + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * z
+        mean = ((math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0
+                + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * z)
         if t == 0:
             return mean, z0
         if self.variance_type == "fixed_small":
             # posterior variance = (1 - ab_prev) / (1 - ab_t) beta_t   (the exact one when z_0 is known)
             variance = max((1 - ab_prev) / (1 - ab_t) * beta_t, 1e-20)
-        elif self.variance_type == "fixed_large":
-            variance = beta_t                            # the upper bound (Ho et al. found both work)
         else:
-            raise ValueError(f"unknown variance_type {self.variance_type!r}; use fixed_small or fixed_large")
+            variance = beta_t                            # fixed_large: the upper bound (Ho et al. found both work)
         noise = randn(z.shape, generator, z.device, z.dtype)
         return mean + math.sqrt(variance) * noise, z0
 
@@ -199,7 +207,13 @@ class DDIM(DiscreteSampler):
     deterministic (an ODE), eta = 1 has DDPM's variance."""
 
     name = "ddim"
-    options = {"eta": 0.0}
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0,
+                 timestep_spacing: str | None = None):
+        super().__init__(schedule, num_steps, timestep_spacing=timestep_spacing)
+        if not isinstance(eta, (int, float)) or not eta >= 0:             # NaN fails this too
+            raise ValueError(f"eta must be a number >= 0 (0: no fresh noise, 1: DDPM's variance); got {eta!r}")
+        self.eta = eta
 
     def step(self, i, z, output, generator):
         t = int(self.steps[i])
@@ -218,23 +232,24 @@ class DDIM(DiscreteSampler):
 
 class PLMS(DiscreteSampler):
     """Liu et al. (2022), pseudo linear multistep: combine the last four eps estimates as Adams-Bashforth does,
-    then take a DDIM-like step. The first step is taken twice (a Heun-like warm-up), so N steps cost N + 1
-    model evaluations, as with diffusers' PNDMScheduler(skip_prk_steps=True).
+    then take a DDIM-like step. The first step is taken twice (a Heun-like warm-up), so N steps cost N + 1 model
+    evaluations.
 
-    The estimates combined are eps, each read from the model's output at its own timestep. diffusers combines the
-    raw outputs, which is the same for an eps model but not for a v model: v changes with t even when eps does not
-    (with the exact denoiser of a single point, diffusers' PLMS misses the point; this one lands on it)."""
+    The estimates combined are eps, each read from the model's output at its own timestep, not the raw outputs: a
+    v model's answer changes with t even when its eps does not."""
 
     name = "plms"
 
-    def __init__(self, schedule, num_steps, **options):
-        super().__init__(schedule, num_steps, **options)
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, timestep_spacing: str | None = None):
+        super().__init__(schedule, num_steps, timestep_spacing=timestep_spacing)
         if schedule.prediction_type == "sample":
             raise ValueError("plms needs a model that predicts eps or v, not the sample; use ddim or euler")
         # [t0, t1, t1, t2, ..., t_{N-1}]: every timestep but the first is evaluated once, t1 twice
         evaluations = [self.steps[0]] + ([self.steps[1]] if len(self.steps) > 1 else []) + list(self.steps[1:])
         self.timesteps = torch.tensor([int(t) for t in evaluations])
-        self.reset()
+        self.eps_history: list[Tensor] = []             # the last four eps estimates, oldest first
+        self.counter = 0                                # evaluations seen in this run
+        self.first_z: Tensor | None = None              # the run's first z, where the warm-up starts again
 
     def reset(self):
         self.eps_history, self.counter, self.first_z = [], 0, None
@@ -242,7 +257,7 @@ class PLMS(DiscreteSampler):
     def start_index(self, strength):
         if strength < 1.0:
             # part-way, the run would start inside the [t0, t1, t1, t2, ...] plan and the warm-up would redo a
-            # step from the wrong level (diffusers' PNDM does exactly that); refuse rather than be quietly wrong
+            # step from the wrong level; refuse rather than be quietly wrong
             raise ValueError("plms cannot start part-way (img2img strength < 1): its warm-up needs the run's first "
                              "two evaluations; use ddim, euler or dpmpp_2m for img2img")
         return 0
@@ -250,7 +265,8 @@ class PLMS(DiscreteSampler):
     def transfer(self, z: Tensor, eps: Tensor, t: int, ab_prev: float) -> Tensor:
         """Move z from t to the next timestep with the eps estimate (PNDM's transfer, eq. 11 of Liu et al.)."""
         ab_t = float(self.schedule.alpha_bar[t])
-        # z_prev = sqrt(ab_prev / ab_t) z - (ab_prev - ab_t) eps / (ab_t sqrt(1 - ab_prev) + sqrt(ab_t (1 - ab_t) ab_prev))
+        # z_prev = sqrt(ab_prev / ab_t) z
+        #          - (ab_prev - ab_t) eps / (ab_t sqrt(1 - ab_prev) + sqrt(ab_t (1 - ab_t) ab_prev))
         denominator = ab_t * math.sqrt(1 - ab_prev) + math.sqrt(ab_t * (1 - ab_t) * ab_prev)
         return math.sqrt(ab_prev / ab_t) * z - (ab_prev - ab_t) * eps / denominator
 
@@ -281,26 +297,57 @@ class PLMS(DiscreteSampler):
 # ---------------------------------------------------------------------------------- sigma-space samplers
 
 
-class SigmaSampler(Sampler):
-    """Samplers on x = z_t / sqrt(alpha_bar_t) = z_0 + sigma eps, whose noise level sigma falls to 0.
+def ode_derivative(x: Tensor, z0_hat: Tensor, sigma: float) -> Tensor:
+    """The probability-flow ODE in sigma (Karras et al. 2022, algorithm 1's d_i): x moves towards the denoised
+    guess, and its speed is the noise that guess implies (eps_hat, for an eps model)."""
+    # dx/dsigma = (x - z0_hat) / sigma
+    return (x - z0_hat) / sigma
 
-    The model was trained on z_t, so its input is x / sqrt(sigma^2 + 1); the start is noise of std sigma_max.
+
+def ancestral_split(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """(sigma_up, sigma_down) for a step from sigma to sigma_next with fresh noise (k-diffusion's
+    get_ancestral_step): go deterministically down to sigma_down, then add noise of std sigma_up, which brings the
+    level back to sigma_next with the DDPM posterior's variance."""
+    # sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2
+    sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
+    # sigma_down^2 = sigma_next^2 - sigma_up^2
+    sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
+    return sigma_up, sigma_down
+
+
+class SigmaScheduleSampler(Sampler):
+    """Samplers whose noise levels are chosen in sigma, sigma_0 > ... > sigma_N = 0, and may fall between the
+    training timesteps (Karras et al. 2022): `sigmas[i]` is evaluation i's level and `timesteps[i]` the (possibly
+    fractional) timestep the model is told. Each subclass picks its levels (`choose_sigmas`) and its latent's scale.
     """
 
-    options = {"use_karras_sigmas": None}
-
-    def __init__(self, schedule, num_steps, **options):
-        super().__init__(schedule, num_steps, **options)
-        if self.use_karras_sigmas is None:
-            self.use_karras_sigmas = schedule.use_karras_sigmas
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, use_karras_sigmas: bool | None = None,
+                 timestep_spacing: str | None = None):
+        super().__init__(schedule, num_steps, timestep_spacing=timestep_spacing)
+        # None takes the schedule's setting (a diffusers scheduler config stores one)
+        self.use_karras_sigmas = schedule.use_karras_sigmas if use_karras_sigmas is None else use_karras_sigmas
         self.all_sigmas = schedule.finite_sigmas.numpy()                        # (T,), rising with t
         t, sigmas = self.choose_sigmas()
         self.timesteps = torch.from_numpy(np.asarray(t, dtype=np.float32))
         self.sigmas = torch.from_numpy(np.append(sigmas, 0.0))                 # (N + 1,), ends at 0
 
     def choose_sigmas(self) -> tuple[np.ndarray, np.ndarray]:
-        """Euler's and Heun's choice (diffusers' EulerDiscreteScheduler): the spaced timesteps, unrounded for
-        linspace, and sigma interpolated there; or Karras sigmas between the same two ends."""
+        """(timesteps, sigmas) of the N steps, noisiest first."""
+        raise NotImplementedError
+
+    def noise_level(self, i):
+        return float(self.sigmas[i])
+
+
+class SigmaSampler(SigmaScheduleSampler):
+    """Samplers on x = z_t / sqrt(alpha_bar_t) = z_0 + sigma eps, whose noise level sigma falls to 0.
+
+    The model was trained on z_t, so its input is x / sqrt(sigma^2 + 1); the start is noise of std sigma_max.
+    """
+
+    def choose_sigmas(self):
+        """The spaced timesteps (fractional ones for linspace) and sigma interpolated there; or Karras sigmas
+        between the same two ends, at the timesteps where the schedule reaches them."""
         s = self.schedule
         t = spaced_timesteps(self.spacing, s.num_timesteps, self.num_steps, s.steps_offset, rounded=False)
         sigmas = s.sigma_at(t)
@@ -312,11 +359,8 @@ class SigmaSampler(Sampler):
     @property
     def init_noise_sigma(self) -> float:
         sigma_max = float(self.sigmas.max())
-        # x_T = sigma_max eps; "leading" never reaches t = T-1, and diffusers then starts at sqrt(sigma^2 + 1)
+        # x_T = sigma_max eps; on "leading" steps, which never reach t = T-1, sqrt(sigma_max^2 + 1) (chapter 07)
         return sigma_max if self.spacing in ("linspace", "trailing") else math.sqrt(sigma_max ** 2 + 1)
-
-    def noise_level(self, i):
-        return float(self.sigmas[i])
 
     def add_noise(self, z0, noise, i):
         return z0 + self.noise_level(i) * noise          # x = z_0 + sigma eps
@@ -326,14 +370,12 @@ class SigmaSampler(Sampler):
         return x / math.sqrt(self.noise_level(i) ** 2 + 1)
 
     def denoised(self, x: Tensor, output: Tensor, sigma: float) -> Tensor:
-        """z0_hat from the model's output at noise level sigma (x is on the sigma scale)."""
-        kind = self.schedule.prediction_type
-        if kind == "epsilon":
-            return x - sigma * output                    # x = z_0 + sigma eps
-        if kind == "v_prediction":
-            # z_0 = sqrt(ab) z_t - sqrt(1 - ab) v, with z_t = x / sqrt(sigma^2 + 1), sqrt(ab) = 1 / sqrt(sigma^2 + 1)
-            return output * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
-        return output
+        """z0_hat from the model's output at noise level sigma (x is on the sigma scale), by the schedule's own
+        conversion at the level alpha_bar = 1 / (1 + sigma^2), which need not be a training timestep's."""
+        # z_t = x / sqrt(sigma^2 + 1): the latent the model saw
+        zt = x / math.sqrt(sigma ** 2 + 1)
+        z0, _ = self.schedule.predict_z0_and_eps(zt, output, NoiseLevel.from_sigma(sigma))
+        return z0
 
 
 class Euler(SigmaSampler):
@@ -346,26 +388,24 @@ class Euler(SigmaSampler):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         # BEGIN SOLUTION ch07.euler_step
         z0 = self.denoised(x, output, sigma)
-        # d = (x - z0_hat) / sigma ;  x_next = x + d (sigma_next - sigma)
-        d = (x - z0) / sigma
-        return x + d * (sigma_next - sigma), z0
+        # x_next = x + d (sigma_next - sigma), with the ODE's slope d = (x - z0_hat) / sigma
+        return x + ode_derivative(x, z0, sigma) * (sigma_next - sigma), z0
         # END SOLUTION
 
 
 class EulerAncestral(SigmaSampler):
     """Euler down to sigma_down, then fresh noise of std sigma_up, chosen so the step lands on sigma_next with the
-    DDPM posterior's variance (k-diffusion's get_ancestral_step)."""
+    DDPM posterior's variance (`ancestral_split`)."""
 
     name = "euler_a"
 
     def step(self, i, x, output, generator):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         z0 = self.denoised(x, output, sigma)
-        # sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 ;  sigma_down^2 = sigma_next^2 - sigma_up^2
-        sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
-        sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
-        x = x + (x - z0) / sigma * (sigma_down - sigma)
-        noise = randn(x.shape, generator, x.device, x.dtype)   # drawn at every step, as diffusers does
+        sigma_up, sigma_down = ancestral_split(sigma, sigma_next)
+        # x_down = x + d (sigma_down - sigma);  x_next = x_down + sigma_up noise
+        x = x + ode_derivative(x, z0, sigma) * (sigma_down - sigma)
+        noise = randn(x.shape, generator, x.device, x.dtype)   # drawn at every step, the last one too
         return x + noise * sigma_up, z0
 
 
@@ -377,43 +417,49 @@ class Heun(SigmaSampler):
     name = "heun"
     order = 2
 
-    def __init__(self, schedule, num_steps, **options):
-        super().__init__(schedule, num_steps, **options)
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, use_karras_sigmas: bool | None = None,
+                 timestep_spacing: str | None = None):
+        super().__init__(schedule, num_steps, use_karras_sigmas=use_karras_sigmas, timestep_spacing=timestep_spacing)
         t, s = self.timesteps, self.sigmas
-        self.step_sigmas = self.sigmas                                           # (N + 1,): one per step
         self.timesteps = torch.cat([t[:1], t[1:].repeat_interleave(2)])
         self.sigmas = torch.cat([s[:1], s[1:-1].repeat_interleave(2), s[-1:]])   # one per evaluation, then 0
-        self.reset()
+        self.pending: tuple[Tensor, Tensor, float] | None = None   # (x, slope, sigma_next - sigma) between the calls
 
     def reset(self):
-        self.pending = None                          # (x, slope, dt) between the two calls of a step
+        self.pending = None
 
     def step(self, i, x, output, generator):
         if self.pending is None:                     # first call: an Euler step from sigma to sigma_next
-            x_euler, z0 = Euler.step(self, i, x, output, generator)
             sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+            z0 = self.denoised(x, output, sigma)
+            d = ode_derivative(x, z0, sigma)
             if sigma_next > 0:                       # remember the start and the slope there for the correction
-                self.pending = (x, (x - z0) / sigma, sigma_next - sigma)
-            return x_euler, z0
+                self.pending = (x, d, sigma_next - sigma)
+            return x + d * (sigma_next - sigma), z0
         x_start, d_start, dt = self.pending          # second call, at the Euler step's end point
         sigma_next = float(self.sigmas[i])
         z0 = self.denoised(x, output, sigma_next)
         # x_next = x + dt (d(x, sigma) + d(x_euler, sigma_next)) / 2
-        d = ((x - z0) / sigma_next + d_start) / 2
+        d = (d_start + ode_derivative(x, z0, sigma_next)) / 2
         self.pending = None
         return x_start + d * dt, z0
 
 
-class DPMSolverPP2M(SigmaSampler):
+class DPMSolverPP2M(SigmaScheduleSampler):
     """Lu et al. (2022), DPM-Solver++(2M): solve the ODE for z0_hat exactly in log-SNR, using the last two z0_hat
-    estimates as a linear function of lambda (the "midpoint" form). Steps on z_t itself, from unit-variance noise.
-    The first and the last step are first order."""
+    estimates as a linear function of lambda (the "midpoint" form). Steps on z_t itself, from unit-variance noise,
+    at levels chosen in sigma. The first and the last step are first order."""
 
     name = "dpmpp_2m"
 
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, use_karras_sigmas: bool | None = None,
+                 timestep_spacing: str | None = None):
+        super().__init__(schedule, num_steps, use_karras_sigmas=use_karras_sigmas, timestep_spacing=timestep_spacing)
+        self.previous: tuple[Tensor, float] | None = None       # (z0_hat, lambda) of the last step
+
     def choose_sigmas(self):
-        """diffusers' DPMSolverMultistepScheduler: N + 1 points, the last dropped (so t = 0 is not a step), and
-        Karras sigmas span the whole schedule, rounded to integer timesteps."""
+        """N + 1 points spaced over the schedule with the last one dropped, so t = 0 is not a step of its own; or
+        Karras sigmas over the whole schedule, at whole timesteps (fractional ones for the cosine schedule)."""
         s, n = self.schedule, self.num_steps
         if self.spacing == "linspace":
             t = np.linspace(0, s.num_timesteps - 1, n + 1).round()[::-1][:-1].copy()
@@ -430,30 +476,15 @@ class DPMSolverPP2M(SigmaSampler):
         return t.astype(np.int64), sigmas
 
     def reset(self):
-        self.previous = None                          # (z0_hat, lambda) of the last step
-
-    @property
-    def init_noise_sigma(self):
-        return 1.0
-
-    def add_noise(self, z0, noise, i):
-        return Sampler.add_noise(self, z0, noise, i)       # on z_t, like the discrete samplers
-
-    def model_input(self, z, i):
-        return z
-
-    @staticmethod
-    def alpha_sigma(sigma: float) -> tuple[float, float]:
-        """(alpha_t, sigma_t) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) from the Karras sigma."""
-        alpha = 1 / math.sqrt(sigma ** 2 + 1)
-        return alpha, sigma * alpha
+        self.previous = None
 
     def step(self, i, z, output, generator):
-        alpha_s, sigma_s = self.alpha_sigma(float(self.sigmas[i]))
-        alpha_t, sigma_t = self.alpha_sigma(float(self.sigmas[i + 1]))
-        kind = self.schedule.prediction_type
-        z0 = {"epsilon": lambda: (z - sigma_s * output) / alpha_s, "sample": lambda: output,
-              "v_prediction": lambda: alpha_s * z - sigma_s * output}[kind]()
+        here = NoiseLevel.from_sigma(float(self.sigmas[i]))
+        there = NoiseLevel.from_sigma(float(self.sigmas[i + 1]))
+        # z_t = alpha z_0 + sigma eps with alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar) (Lu et al.'s sigma)
+        alpha_s, sigma_s = self.schedule.coefficients(here, z)
+        alpha_t, sigma_t = self.schedule.coefficients(there, z)
+        z0, _ = self.schedule.predict_z0_and_eps(z, output, here)
         # lambda = log(alpha / sigma): half the log-SNR; h is the step in it
         lambda_s = math.log(alpha_s) - math.log(sigma_s)
         lambda_t = math.log(alpha_t) - math.log(sigma_t) if sigma_t > 0 else math.inf
@@ -478,11 +509,21 @@ SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDPM, DDIM, PLMS
                                                                  DPMSolverPP2M)}
 
 
+def sampler_options(cls: type[Sampler]) -> list[str]:
+    """The options a sampler takes: the keyword-only arguments of its __init__."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options) -> Sampler:
-    """A sampler by name: ddpm, ddim (eta), plms, euler, euler_a, heun, dpmpp_2m (use_karras_sigmas for the last
-    four); every sampler also takes timestep_spacing = leading | trailing | linspace."""
+    """A sampler by name: ddpm (variance_type), ddim (eta), plms, euler, euler_a, heun, dpmpp_2m (use_karras_sigmas
+    for the last four); every sampler also takes timestep_spacing = leading | trailing | linspace."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    accepted = sampler_options(SAMPLERS[name])
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; it takes {', '.join(accepted)}")
     return SAMPLERS[name](schedule, num_steps, **options)
 
 
@@ -511,6 +552,22 @@ def img2img_start(sampler: Sampler, z0: Tensor, noise: Tensor, strength: float) 
     # END SOLUTION
 
 
+def checks_each_step(device: torch.device) -> bool:
+    """Whether `sample` looks at the model's output after every evaluation. On the CPU that costs nothing; on a GPU
+    (or MPS) reading a value back makes the host wait until the device has caught up, every step, so there the
+    checks stay on the device and are read once, at the end of the run."""
+    return device.type == "cpu"
+
+
+def raise_if_not_finite(checks: list[tuple[int, float, Tensor]]) -> None:
+    """checks: (evaluation, t, whether its output was all finite) for each evaluation so far."""
+    finite = torch.stack([ok for _, _, ok in checks]).cpu()               # one wait for the device, for all of them
+    if not finite.all():
+        i, t, _ = checks[int((~finite).nonzero()[0])]
+        raise FloatingPointError(f"the model's output is not finite at step {i} (t = {t:g}); check the model "
+                                 "and its inputs (a NaN in the weights, or a latent far outside the training range)")
+
+
 @torch.no_grad()
 def sample(model_fn: ModelFn, noise: Tensor, sampler: Sampler, generator: torch.Generator | None = None,
            callback: Callable[[Step], None] | None = None, init: Tensor | None = None,
@@ -520,25 +577,30 @@ def sample(model_fn: ModelFn, noise: Tensor, sampler: Sampler, generator: torch.
     img2img: give `init` (a clean z_0) and a `strength` in [0, 1] (see `img2img_start`); strength 1 starts from
     pure noise, as without init. `generator` supplies the fresh noise of stochastic samplers (DDPM, DDIM with
     eta > 0, Euler ancestral). `before_step(i, z) -> z` may change z before evaluation i (inpainting puts the
-    known region back there).
+    known region back there). A model output that is not finite stops the run with a FloatingPointError naming
+    the first such step (on a GPU, once the run is over).
     """
     sampler.reset()
     if init is None:
         start, z = 0, noise * sampler.init_noise_sigma          # the sampler's starting scale
     else:
         start, z = img2img_start(sampler, init, noise, strength)
+    each_step, checks = checks_each_step(z.device), []
     for i in range(start, len(sampler.timesteps)):
         if before_step is not None:
             z = before_step(i, z)
         t = float(sampler.timesteps[i])
         zt = sampler.model_input(z, i)
         output = model_fn(zt, torch.full((z.shape[0],), t, device=z.device))
-        if not torch.isfinite(output).all():
-            raise FloatingPointError(f"the model's output is not finite at step {i} (t = {t:g}); check the model "
-                                     "and its inputs (a NaN in the weights, or a latent far outside the training range)")
+        finite = torch.isfinite(output).all()                   # 0-d, on the model's device
+        checks.append((i, t, finite))
+        if each_step and not finite:
+            raise_if_not_finite(checks)
         z, z0_hat = sampler.step(i, z, output, generator)
         if callback is not None:
             callback(Step(i, t, zt, output, z0_hat))
+    if checks and not each_step:
+        raise_if_not_finite(checks)
     return z
 
 
@@ -553,16 +615,16 @@ def ddim_invert(model_fn: ModelFn, z0: Tensor, sampler: DDIM, callback: Callable
     if not isinstance(sampler, DDIM) or sampler.eta != 0:
         raise ValueError("ddim_invert needs a deterministic DDIM sampler: make_sampler('ddim', schedule, N) with eta 0")
     schedule = sampler.schedule
-    z, ab_now = z0, sampler.alpha_bar_after(len(sampler.steps) - 1)     # the clean end: alpha_bar = 1 (or ab_0)
+    # where we are: the clean end first (alpha_bar = 1, or alpha_bar_0), then each timestep on the way up
+    now = NoiseLevel(sampler.alpha_bar_after(len(sampler.steps) - 1))
+    z = z0
     for k, t in enumerate(int(t) for t in sampler.steps[::-1]):       # t_{N-1} < ... < t_0: upwards
         seen = z
         output = model_fn(z, torch.full((z.shape[0],), float(t), device=z.device))
         _, eps = schedule.predict_z0_and_eps(z, output, t)             # the model's eps, reading z as if at t
-        # z0_hat from where we are: z = sqrt(ab_now) z0 + sqrt(1 - ab_now) eps
-        z0_hat = (z - math.sqrt(1 - ab_now) * eps) / math.sqrt(ab_now)
-        ab_now = float(schedule.alpha_bar[t])
+        z0_hat = schedule.eps_to_z0(z, eps, now)                       # z0_hat from where we are
         # one level up: z_t = sqrt(alpha_bar_t) z0_hat + sqrt(1 - alpha_bar_t) eps_hat
-        z = math.sqrt(ab_now) * z0_hat + math.sqrt(1 - ab_now) * eps
+        z, now = schedule.q_sample(z0_hat, t, eps), t
         if callback is not None:
             callback(Step(k, float(t), seen, output, z0_hat))
     return z

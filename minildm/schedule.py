@@ -37,7 +37,7 @@ def cosine_alpha_bar(s: float) -> float:
 
 
 def make_betas(kind: str, num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
-    """beta_t for t = 0 .. T-1 (float64). The float32 linspace is what diffusers computes, kept for parity."""
+    """beta_t for t = 0 .. T-1: computed in float32 (chapter 03 says why), returned in float64."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float32).double()
     if kind == "scaled_linear":
@@ -62,6 +62,21 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     alpha_bar = root ** 2
     alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
     return 1 - alphas
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """A point of the forward process named by its alpha_bar instead of by a training timestep. The sigma-space
+    samplers of chapter 07 stand between the timesteps; every conversion of `NoiseSchedule` that takes t takes one
+    of these in its place."""
+
+    alpha_bar: float | Tensor                       # one value for the whole batch, or one per item (B,)
+
+    @classmethod
+    def from_sigma(cls, sigma: float | Tensor) -> NoiseLevel:
+        """The level of the Karras noise level sigma: x = z_t / sqrt(alpha_bar) = z_0 + sigma eps."""
+        # sigma^2 = (1 - alpha_bar) / alpha_bar  =>  alpha_bar = 1 / (1 + sigma^2)
+        return cls(1 / (1 + sigma ** 2))
 
 
 @dataclass
@@ -113,8 +128,8 @@ class NoiseSchedule:
 
     @property
     def finite_sigmas(self) -> Tensor:
-        """`sigmas` with the zero-terminal-SNR end kept finite: alpha_bar_T = 0 would make sigma_T infinite, and
-        diffusers' sigma-space schedulers put 2^-24 there instead. (T,)"""
+        """`sigmas` with the zero-terminal-SNR end kept finite: alpha_bar_T = 0 would make sigma_T infinite, and a
+        sampler in sigma cannot start from infinite noise, so 2^-24 stands in for alpha_bar there. (T,)"""
         alpha_bar = self.alpha_bar.clone()
         if self.rescale_betas_zero_snr:
             alpha_bar[-1] = 2.0 ** -24
@@ -134,15 +149,26 @@ class NoiseSchedule:
         """lambda_t = log SNR_t; DPM-Solver steps in this variable (its half is log(alpha_t / sigma_t))."""
         return self.alpha_bar.log() - (1 - self.alpha_bar).log()
 
-    def coefficients(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for integer timesteps t, shaped (B, 1, 1, 1) like `like`."""
-        t = torch.as_tensor(t, device=self.alpha_bar.device).long().reshape(-1)
-        if t.numel() and (t.min() < 0 or t.max() >= self.num_timesteps):
-            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}; got {t.min().item()}..{t.max().item()}")
-        a = self.alpha_bar[t]                                       # float64: 1 - a keeps its digits at small t
+    def alpha_bar_at(self, t: Tensor | int) -> Tensor | float:
+        """alpha_bar at an int timestep (a float) or at timesteps t (float64, (B,)); a ValueError outside 0..T-1."""
+        steps = torch.as_tensor(t, device=self.alpha_bar.device).long().reshape(-1)
+        if steps.numel() and (steps.min() < 0 or steps.max() >= self.num_timesteps):
+            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}; got "
+                             f"{steps.min().item()}..{steps.max().item()}")
+        alpha_bar = self.alpha_bar[steps]                           # float64: 1 - alpha_bar keeps its digits at small t
+        return float(alpha_bar) if isinstance(t, int) else alpha_bar
+
+    def coefficients(self, t: Tensor | int | NoiseLevel, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer timesteps t, or at a NoiseLevel between them:
+        (B, 1, 1, 1) tensors like `like`, one per item, or two plain numbers for one level for the whole batch."""
+        alpha_bar = t.alpha_bar if isinstance(t, NoiseLevel) else self.alpha_bar_at(t)
+        if not isinstance(alpha_bar, Tensor):
+            # one level for the whole batch: numbers broadcast like tensors and need no copy to the latent's device
+            return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+        alpha_bar = alpha_bar.double().reshape(-1)
         shape = (-1,) + (1,) * (like.ndim - 1)                      # (B,) -> (B, 1, 1, 1) to broadcast
-        return (a.sqrt().to(like.device, like.dtype).view(shape),
-                (1 - a).sqrt().to(like.device, like.dtype).view(shape))
+        return (alpha_bar.sqrt().to(like.device, like.dtype).view(shape),
+                (1 - alpha_bar).sqrt().to(like.device, like.dtype).view(shape))
 
     # ------------------------------------------------------------------------------- the forward process
 
@@ -155,7 +181,8 @@ class NoiseSchedule:
         # END SOLUTION
 
     # ------------------------------------------------------------------- what the model predicts, converted
-    # Given z_t, any one of eps, z_0 and v determines the other two (Salimans & Ho 2022 for v).
+    # Given z_t, any one of eps, z_0 and v determines the other two (Salimans & Ho 2022 for v). These are the only
+    # place the conversions are written: t is an integer timestep (or one per item), or a NoiseLevel between them.
 
     def eps_to_z0(self, zt: Tensor, eps: Tensor, t) -> Tensor:
         a, b = self.coefficients(t, zt)

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from minildm import samplers
 from minildm.ideal_denoiser import IdealDenoiser
-from minildm.samplers import SAMPLERS, ddim_invert, karras_sigmas, make_sampler, sample
-from minildm.schedule import NoiseSchedule
+from minildm.samplers import SAMPLERS, ancestral_split, ddim_invert, karras_sigmas, make_sampler, sample
+from minildm.schedule import NoiseLevel, NoiseSchedule
 
 DETERMINISTIC = ["ddim", "plms", "euler", "heun", "dpmpp_2m"]
 
@@ -140,7 +141,14 @@ def test_img2img_strength_zero_returns_the_image_and_strength_skips_steps():
     (lambda s: make_sampler("ddim", s, 0), "from 1 to 1000"),
     (lambda s: make_sampler("ddim", s, 1001), "from 1 to 1000"),
     (lambda s: make_sampler("euler", s, 2.5), "from 1 to 1000"),
-    (lambda s: make_sampler("ddim", s, 10, eta=0.5, gamma=1), "has no option gamma"),
+    (lambda s: make_sampler("ddim", s, 10, eta=0.5, gamma=1), "ddim has no option gamma; it takes eta, "
+                                                              "timestep_spacing"),
+    (lambda s: make_sampler("euler", s, 10, eta=0.5), "euler has no option eta; it takes use_karras_sigmas, "
+                                                      "timestep_spacing"),
+    (lambda s: make_sampler("ddim", s, 10, eta=-0.1), "eta must be a number >= 0"),
+    (lambda s: make_sampler("ddim", s, 10, eta=math.nan), "eta must be a number >= 0"),
+    (lambda s: make_sampler("ddpm", s, 10, variance_type="learned"), "unknown variance_type 'learned'; choose one "
+                                                                     "of fixed_small, fixed_large"),
     (lambda s: make_sampler("ddim", s, 10, timestep_spacing="uniform"), "unknown timestep spacing"),
     (lambda s: sample(smooth_model, latents(1), make_sampler("ddim", s, 10), init=latents(1), strength=1.5),
      "strength must be in"),
@@ -157,9 +165,78 @@ def test_bad_input_is_a_one_line_value_error_that_says_what_to_do(call, message)
     assert "\n" not in str(err.value)
 
 
-def test_a_non_finite_model_output_stops_with_the_step_and_timestep():
-    def breaks_at_step_three(z, t):
-        return torch.full_like(z, math.nan) if t[0] < 700 else 0.1 * z
+def breaks_at_step_three(z, t):
+    return torch.full_like(z, math.nan) if t[0] < 700 else 0.1 * z
 
+
+def test_a_non_finite_model_output_stops_with_the_step_and_timestep():
+    seen = []
+    with pytest.raises(FloatingPointError, match=r"step 3 \(t = 601\)") as err:
+        sample(breaks_at_step_three, latents(1), make_sampler("ddim", NoiseSchedule(steps_offset=1), 10),
+               callback=seen.append)
+    assert "\n" not in str(err.value)
+    assert len(seen) == 3, f"on the CPU the run stops at the bad step; the callback saw {len(seen)} steps"
+
+
+def test_off_the_cpu_the_finiteness_check_is_read_once_at_the_end_and_names_the_first_bad_step(monkeypatch):
+    # on a GPU, reading the check every step would make the host wait for the device; the deferred path is the
+    # one a GPU takes, exercised here on the CPU
+    monkeypatch.setattr(samplers, "checks_each_step", lambda device: False)
+    seen = []
     with pytest.raises(FloatingPointError, match=r"step 3 \(t = 601\)"):
-        sample(breaks_at_step_three, latents(1), make_sampler("ddim", NoiseSchedule(steps_offset=1), 10))
+        sample(breaks_at_step_three, latents(1), make_sampler("ddim", NoiseSchedule(steps_offset=1), 10),
+               callback=seen.append)
+    assert len(seen) == 10, f"the deferred check runs every step before it reports; the callback saw {len(seen)}"
+    finite = sample(smooth_model, latents(1), make_sampler("ddim", NoiseSchedule(), 10))
+    assert torch.isfinite(finite).all()
+
+
+# ----------------------------------------------------------------------------------------- the options
+
+
+@pytest.mark.parametrize("name, options", [
+    ("ddpm", {"variance_type": "fixed_large"}), ("ddim", {"eta": 0.3}), ("plms", {"timestep_spacing": "trailing"}),
+    ("euler", {"use_karras_sigmas": True}), ("euler_a", {"timestep_spacing": "linspace"}),
+    ("heun", {"use_karras_sigmas": True, "timestep_spacing": "trailing"}), ("dpmpp_2m", {"use_karras_sigmas": True})])
+def test_each_option_a_sampler_is_given_is_an_attribute_it_keeps(name, options):
+    sampler = make_sampler(name, NoiseSchedule(), 10, **options)
+    kept = {key: getattr(sampler, "spacing" if key == "timestep_spacing" else key) for key in options}
+    assert kept == options, f"{name}: given {options}, keeps {kept}"
+
+
+def test_options_left_out_take_the_defaults_and_the_schedules_settings():
+    schedule = NoiseSchedule(timestep_spacing="trailing", use_karras_sigmas=True)
+    assert make_sampler("ddim", schedule, 10).eta == 0.0
+    assert make_sampler("ddpm", schedule, 10).variance_type == "fixed_small"
+    assert make_sampler("euler", schedule, 10).use_karras_sigmas is True
+    assert make_sampler("euler", schedule, 10, use_karras_sigmas=False).use_karras_sigmas is False
+    assert make_sampler("dpmpp_2m", schedule, 10).spacing == "trailing"
+
+
+# ------------------------------------------------------------------------------------ the shared helpers
+
+
+@pytest.mark.parametrize("sigma, sigma_next", [(14.6, 8.3), (1.0, 0.5), (0.3, 0.0)])
+def test_the_ancestral_split_lands_back_on_sigma_next(sigma, sigma_next):
+    sigma_up, sigma_down = ancestral_split(sigma, sigma_next)
+    assert math.isclose(sigma_up ** 2 + sigma_down ** 2, sigma_next ** 2, abs_tol=1e-12)
+    assert 0 <= sigma_up <= sigma_next and 0 <= sigma_down <= sigma_next
+    # sigma_up^2 is DDPM's posterior variance on the x scale: sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2
+    assert math.isclose(sigma_up ** 2, sigma_next ** 2 * (1 - sigma_next ** 2 / sigma ** 2), abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_sigma_space_denoising_is_the_schedules_conversion_at_the_same_level(prediction):
+    # Euler's z0_hat at sigma_t equals the schedule's z0_hat at timestep t, whatever the model predicts
+    schedule = NoiseSchedule(prediction_type=prediction)
+    euler = make_sampler("euler", schedule, 10, timestep_spacing="trailing")
+    z0, eps = latents(2, dtype=torch.float64), latents(2, seed=1, dtype=torch.float64)
+    for i, t in enumerate(int(t) for t in euler.timesteps):
+        sigma = float(euler.sigmas[i])
+        zt = schedule.q_sample(z0, t, eps)
+        output = schedule.training_target(z0, eps, t)
+        got = euler.denoised(zt * math.sqrt(1 + sigma ** 2), output, sigma)
+        want, _ = schedule.predict_z0_and_eps(zt, output, t)
+        assert torch.allclose(got, want, atol=1e-9, rtol=1e-9), (prediction, t, (got - want).abs().max().item())
+        level = NoiseLevel.from_sigma(sigma)
+        assert math.isclose(level.alpha_bar, float(schedule.alpha_bar[t]), rel_tol=1e-12), (t, level)

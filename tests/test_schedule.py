@@ -17,6 +17,7 @@ from minildm.schedule import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
+    NoiseLevel,
     NoiseSchedule,
     cosine_alpha_bar,
 )
@@ -212,6 +213,36 @@ def test_predict_z0_and_eps_reads_the_model_output_by_prediction_type(prediction
     assert_close(eps_hat, eps, f"eps_hat from a perfect {prediction_type} output", atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["scaled_linear", "squaredcos_cap_v2", "scaled_linear_zero_snr"])
+def test_every_conversion_at_a_noise_level_equals_the_one_at_the_timestep_of_that_alpha_bar(name):
+    s = schedule(name)
+    z0, eps = random_latents(6)
+    t = torch.tensor([0, 400, 998])
+    zt, v = s.q_sample(z0, t, eps), s.v_target(z0, eps, t)
+    per_item = NoiseLevel(s.alpha_bar[t])                                   # (3,): one level per item
+    for level in (per_item, NoiseLevel.from_sigma(s.sigmas[t])):
+        for what, at_level, at_t in [
+            ("eps_to_z0", s.eps_to_z0(zt, eps, level), s.eps_to_z0(zt, eps, t)),
+            ("z0_to_eps", s.z0_to_eps(zt, z0, level), s.z0_to_eps(zt, z0, t)),
+            ("v_target", s.v_target(z0, eps, level), v),
+            ("v_to_z0", s.v_to_z0(zt, v, level), s.v_to_z0(zt, v, t)),
+            ("v_to_eps", s.v_to_eps(zt, v, level), s.v_to_eps(zt, v, t)),
+        ]:
+            assert_close(at_level, at_t, f"{name}: {what} at a NoiseLevel vs at t = {t.tolist()}", atol=1e-9)
+
+
+def test_one_level_for_the_whole_batch_gives_plain_numbers_with_the_same_values():
+    # an int t (or a level of one float) needs no tensor on the latent's device: two Python floats
+    s = schedule("scaled_linear")
+    like = torch.zeros(2, 4, 3, 3)
+    for level in (500, NoiseLevel(float(s.alpha_bar[500]))):
+        a, b = s.coefficients(level, like)
+        assert isinstance(a, float) and isinstance(b, float), (level, type(a), type(b))
+        assert (a, b) == (s.alpha_bar[500].sqrt().item(), (1 - s.alpha_bar[500]).sqrt().item()), (level, a, b)
+    a, b = s.coefficients(torch.tensor([500, 500]), like)
+    assert a.shape == b.shape == (2, 1, 1, 1) and a.dtype == like.dtype, (a.shape, a.dtype)
+
+
 def test_at_zero_terminal_snr_v_still_gives_z0_where_eps_cannot():
     s = schedule("scaled_linear_zero_snr")
     z0, eps = random_latents(5)
@@ -286,6 +317,7 @@ def test_stable_diffusion_v1_scheduler_config_is_read_and_unused_keys_are_ignore
 @pytest.mark.parametrize("options, names", [
     (dict(beta_schedule="sigmoid"), BETA_SCHEDULES),
     (dict(prediction_type="v"), PREDICTION_TYPES),
+    (dict(prediction_type="eps"), PREDICTION_TYPES),
     (dict(timestep_spacing="uniform"), TIMESTEP_SPACINGS),
 ])
 def test_an_unknown_name_is_a_one_line_value_error_listing_the_known_ones(options, names):

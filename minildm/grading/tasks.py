@@ -61,7 +61,8 @@ TASKS: dict[str, Task] = {t.id: t for t in [
          "step_generator(seed, start, 9), and return 1 / std of all the samples together, as a float",
          "The scale factor"),
     Task("ch03.q_sample", "the forward process in one jump",
-         "self.coefficients(t, z0) gives sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), already shaped (B, 1, 1, 1); "
+         "self.coefficients(t, z0) gives sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), already shaped (B, 1, 1, 1) "
+         "(two numbers for one t); "
          "scale the clean latent by the first and the given noise by the second and add them (draw no noise of "
          "your own), for one t or one t per item",
          "Jumping to step t in one go"),

@@ -1,5 +1,13 @@
 """Every sampler equals its diffusers scheduler: same config, same model function, same starting noise and the same
-per-step noise; timesteps identical and final latents within 1e-4 relative. diffusers runs at test time."""
+per-step noise; timesteps identical and final latents within 1e-4 relative. diffusers runs at test time.
+
+What the match rests on besides the papers' formulas (chapter 07, "Matching diffusers", explains each): timesteps
+computed in numpy, Euler's linspace timesteps kept fractional in float32; DDPM's last step aiming at alpha_bar = 1
+whatever set_alpha_to_one says, its variance floored at 1e-20; Euler's starting noise sqrt(sigma_max^2 + 1) on
+leading timesteps; Euler ancestral drawing noise on its last step too; alpha_bar = 2^-24 in place of 0 for the
+sigma-space samplers at zero terminal SNR; DPM++(2M)'s N + 1 points with the last dropped and its Karras sigmas over
+the whole schedule, rounded except on the cosine schedule.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +46,9 @@ CASES = []
 for name in SAMPLERS:
     sampler = name.split("_eta")[0]
     configs = [("sd", SD, 10), ("sd", SD, 25), ("linear", LINEAR, 20), ("cosine", COSINE, 12)]
-    if sampler not in ("ddim", "plms"):            # diffusers' DDIM/PLMS step to t - T//N: see samplers.py
+    if sampler not in ("ddim", "plms"):
+        # diffusers' DDIM and PLMS step from t to t - T // N, ours to the next chosen timestep: the same only when
+        # the timesteps are evenly spaced, which linspace's 15 (999 / 14 apart, rounded) are not
         configs += [("linspace", LINSPACE, 15)]
     if sampler != "plms":                          # PNDM has no zero-terminal-SNR support worth comparing
         configs += [("zero_snr", ZERO_SNR, 10)]
@@ -47,7 +57,8 @@ for name in SAMPLERS:
             if label in ("linear", "cosine", "linspace") and prediction == "v_prediction":
                 continue
             if sampler == "plms" and prediction == "v_prediction":
-                continue                           # diffusers combines raw v outputs: see PLMS in samplers.py
+                # diffusers' PNDM combines the raw v outputs, ours the eps each implies: equal for eps models only
+                continue
             CASES.append((name, label, config, steps, prediction))
     if sampler in KARRAS:
         CASES.append((name, "sd_karras", {**SD, "use_karras_sigmas": True}, 15, "epsilon"))

@@ -18,7 +18,7 @@ from taskcheck import check_close, fail, forbid
 
 from minildm.ideal_denoiser import IdealDenoiser
 from minildm.samplers import make_sampler, sample
-from minildm.schedule import NoiseSchedule
+from minildm.schedule import NoiseLevel, NoiseSchedule
 
 DDIM_STEP = "ch07.ddim_step"
 EULER_STEP = "ch07.euler_step"
@@ -32,11 +32,12 @@ FORBIDDEN_EULER = ("diffusers.schedulers.scheduling_euler_discrete:EulerDiscrete
 
 class OwnConversions(NoiseSchedule):
     """A NoiseSchedule whose (z0_hat, eps_hat) from the model's output is worked out here, from alpha_bar alone, so
-    a DDIM step is graded on its own even when chapter 03's conversions are still exercises."""
+    a DDIM or Euler step is graded on its own even when chapter 03's conversions are still exercises. t is a
+    timestep (DDIM) or a NoiseLevel between them (Euler's sigmas)."""
 
     def predict_z0_and_eps(self, zt, output, t):
-        keep = math.sqrt(float(self.alpha_bar[int(t)]))
-        spread = math.sqrt(1 - float(self.alpha_bar[int(t)]))
+        alpha_bar = float(t.alpha_bar) if isinstance(t, NoiseLevel) else float(self.alpha_bar[int(t)])
+        keep, spread = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
         if self.prediction_type == "epsilon":
             return (zt - spread * output) / keep, output
         if self.prediction_type == "sample":
@@ -208,7 +209,7 @@ def denoised_by_hand(prediction: str, x: torch.Tensor, output: torch.Tensor, sig
 @pytest.mark.points(3)
 @pytest.mark.parametrize("seed, shape, steps, settings", EULER_CASES)
 def test_euler_step_follows_the_ode_slope_on_random_inputs(monkeypatch, seed, shape, steps, settings):
-    schedule = NoiseSchedule(**settings)
+    schedule = OwnConversions(**settings)
     sampler = make_sampler("euler", schedule, steps)
     forbid(monkeypatch, EULER_STEP, *FORBIDDEN_EULER)
     sigmas = [float(s) for s in sampler.sigmas]
@@ -232,7 +233,7 @@ def test_euler_step_follows_the_ode_slope_on_random_inputs(monkeypatch, seed, sh
     (7, (1, 1, 6, 6), 4, "epsilon", True)])
 def test_euler_with_the_exact_noise_of_one_point_stays_on_its_path_and_ends_on_it(monkeypatch, seed, shape, steps,
                                                                                    prediction, karras):
-    schedule = NoiseSchedule(prediction_type=prediction, use_karras_sigmas=karras)
+    schedule = OwnConversions(prediction_type=prediction, use_karras_sigmas=karras)
     sampler = make_sampler("euler", schedule, steps)
     forbid(monkeypatch, EULER_STEP, *FORBIDDEN_EULER)
     point, eps = random_latents(seed, shape)
@@ -253,7 +254,7 @@ def test_euler_with_the_exact_noise_of_one_point_stays_on_its_path_and_ends_on_i
 @pytest.mark.points(1)
 @pytest.mark.parametrize("seed, spacing", [(8, "leading"), (9, "linspace")])
 def test_a_whole_euler_run_with_the_ideal_denoiser_of_one_point_ends_on_it(monkeypatch, seed, spacing):
-    schedule = NoiseSchedule(timestep_spacing=spacing)
+    schedule = OwnConversions(timestep_spacing=spacing)
     point, noise = random_latents(seed, (1, 4, 4, 4))
     forbid(monkeypatch, EULER_STEP, *FORBIDDEN_EULER)
     z = sample(IdealDenoiser(point, schedule), noise.expand(3, -1, -1, -1), make_sampler("euler", schedule, 8))
