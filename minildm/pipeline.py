@@ -306,8 +306,8 @@ class LatentDiffusion:
         model_fn = guided_model_fn(self.unet, context, uncond_context, guidance_scale)
         sampler = make_sampler(sampler_name, self.schedule, steps)
         generator = cpu_generator(seed)
-        noise = randn((len(prompts), self.unet.config.in_channels, h, w), generator, self.device,
-                      self.dtype)                                                           # (B, C, h, w)
+        shape = (len(prompts), self.unet.config.in_channels, h, w)
+        noise = randn(shape, generator, self.device, self.dtype)                            # (B, C, h, w)
 
         before_step = None if known is None else keep_known_region(sampler, noise, *known)
         z0 = sample(model_fn, noise, sampler, generator, callback=callback, init=init, strength=strength,
