@@ -269,7 +269,7 @@ def generation_call(pipe: LatentDiffusion, prompts: list[str], steps: int, guida
         synchronize(device)
         start = time.perf_counter()
         try:
-            pipe.text_to_image(prompts, guidance_scale=guidance, sampler="ddim", steps=steps, seed=0,
+            pipe.text_to_image(prompts, guidance_scale=guidance, sampler_name="ddim", steps=steps, seed=0,
                                height=IMAGE_SIZE, width=IMAGE_SIZE, callback=callback)
         except StopGeneration:
             per_step = statistics.median(b - a for a, b in zip(marks, marks[1:]))

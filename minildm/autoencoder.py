@@ -12,6 +12,7 @@ Shapes: an image is (B, 3, H, W) in [-1, 1]; its latent is (B, 4, H/f, W/f), f =
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -74,16 +75,27 @@ class AutoencoderConfig:
         return config_from_dict(cls, d, source)
 
 
+def check_size_multiple(height: int, width: int, multiple: int, why: str, what: str = "image size") -> None:
+    """The one size rule, for the VAE, the U-Net and the pipeline: each side a positive multiple of `multiple`,
+    since a network halves it that often (`why` says which). An error suggests the nearest size that works."""
+    sides = (height, width)
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sides):
+        raise TypeError(f"{what} {height}x{width} must be two whole numbers (int), got {type(height).__name__} and "
+                        f"{type(width).__name__}")
+    fit = "x".join(str(max(multiple, round(s / multiple) * multiple)) for s in sides)   # the nearest that work
+    if min(sides) < 1:
+        raise ValueError(f"{what} {height}x{width} has a side below 1 ({why}, so each side must be a positive "
+                         f"multiple of {multiple}); use {fit}")
+    if height % multiple or width % multiple:
+        raise ValueError(f"{what} {height}x{width} is not a multiple of {multiple} ({why}); use {fit}")
+
+
 def latent_shape(height: int, width: int, config: AutoencoderConfig | None = None) -> tuple[int, int, int]:
     """The latent's (C, H/f, W/f) for an image of height x width; a size the VAE cannot halve is an error."""
     # BEGIN SOLUTION ch01.latent_shape
     config = config or AutoencoderConfig()
     f = config.downsampling_factor
-    if height % f or width % f or height <= 0 or width <= 0:
-        h_ok, w_ok = max(f, round(height / f) * f), max(f, round(width / f) * f)
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by {f} (the VAE downsamples by {f}); use {h_ok}x{w_ok}"
-        )
+    check_size_multiple(height, width, f, f"the VAE divides it by {f}")
     return (config.latent_channels, height // f, width // f)
     # END SOLUTION
 

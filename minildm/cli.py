@@ -141,8 +141,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def read_pixels(path: str, size: int, mode: str, what: str):
-    """An image file -> (size, size[, 3]) uint8 array in Pillow's `mode`; another size is an error, not a resize."""
+def read_pixels(path: str, mode: str, what: str):
+    """An image file -> (H, W, 3) for mode "RGB" or (H, W) for "L", float32 in [0, 1], by one stated rule:
+    8-bit images / 255 (greyscale becomes grey RGB); 16-bit ones / 65535; float ones (TIFF) as they are, if every
+    value is finite and in [0, 1]. Transparency is refused, since what lies under it is unknown. Never a clip."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -150,37 +152,54 @@ def read_pixels(path: str, size: int, mode: str, what: str):
         raise FileNotFoundError(f"{what} {path}: no such file")
     try:
         with Image.open(path) as image:
-            image = image.convert(mode)
+            image.load()
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{what} {path}: Pillow cannot read it as an image ({err}); give a PNG file") from None
-    if image.size != (size, size):
-        raise ValueError(f"{what} {path} is {image.width}x{image.height} but this model draws {size}x{size} images; "
-                         f"resize it to {size}x{size} first (e.g. with Pillow's Image.resize)")
-    return np.array(image)                                  # a writable copy, for torch.from_numpy
+    if "A" in image.getbands() or "transparency" in image.info:
+        alpha = np.array(image.convert("RGBA"))[..., 3]
+        if (alpha < 255).any():
+            raise ValueError(f"{what} {path} has {int((alpha < 255).sum())} transparent pixels; flatten it onto a "
+                             f"background first (e.g. Image.alpha_composite onto a white image), then save it as RGB")
+    if image.mode.startswith("I"):                             # 16-bit PNG ("I;16") or 32-bit integers ("I")
+        values = np.array(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{what} {path} holds integers {values.min():g}..{values.max():g}; give an 8-bit or "
+                             f"16-bit (0..65535) image")
+        pixels = values / 65535
+    elif image.mode == "F":                                    # float TIFF: taken as [0, 1], checked
+        pixels = np.array(image, dtype=np.float64)
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(f"{what} {path} holds floats {np.nanmin(pixels):g}..{np.nanmax(pixels):g} (NaN or inf: "
+                             f"{int((~np.isfinite(pixels)).sum())}); a float image must hold finite values in [0, 1]")
+    else:
+        pixels = np.array(image.convert(mode), dtype=np.float64) / 255
+    if pixels.ndim == 2 and mode == "RGB":
+        pixels = np.repeat(pixels[..., None], 3, axis=2)       # grey (H, W) -> (H, W, 3)
+    return pixels.astype(np.float32)
 
 
-def read_image(path: str, size: int):
-    """An RGB image file -> (1, 3, size, size) in [-1, 1]."""
-    from minildm.data import to_tensor
-
-    return to_tensor(read_pixels(path, size, "RGB", "--init-image"))[None]
-
-
-def read_mask(path: str, size: int):
-    """A black-and-white image file -> (size, size) of 0 (black: keep) and 1 (white: repaint)."""
-    import numpy as np
+def read_image(path: str):
+    """An image file -> (1, 3, H, W) in [-1, 1], by read_pixels' rule."""
     import torch
 
-    values = read_pixels(path, size, "L", "--mask")
-    grey = values[(values != 0) & (values != 255)]
+    pixels = read_pixels(path, "RGB", "--init-image")                           # (H, W, 3) in [0, 1]
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None] * 2 - 1
+
+
+def read_mask(path: str):
+    """A black-and-white image file -> (H, W) of 0 (black: keep) and 1 (white: repaint); grey is refused."""
+    import torch
+
+    values = read_pixels(path, "L", "--mask")                                   # (H, W) in [0, 1]
+    grey = values[(values != 0) & (values != 1)]
     if grey.size:
         raise ValueError(f"--mask {path} must be pure black (keep) and white (repaint), but {grey.size} pixels are "
-                         f"grey (e.g. {int(grey[0])}); threshold it, e.g. image.point(lambda v: 255 * (v > 127))")
-    return torch.from_numpy((values == 255).astype(np.float32))
+                         f"grey (e.g. {grey[0]:.3g} of 1); threshold it, e.g. image.point(lambda v: 255 * (v > 127))")
+    return torch.from_numpy(values)
 
 
 def cmd_sample(args) -> int:
-    from minildm.demo import IMAGE_SIZE, sample_rows
+    from minildm.demo import sample_rows
     from minildm.pipeline import LatentDiffusion
     from minildm.pretrained import load_pipeline
     from minildm.viz import image_grid
@@ -198,15 +217,18 @@ def cmd_sample(args) -> int:
         raise ValueError("--mask needs --init-image: the image whose white-masked part is repainted")
     if args.strength is not None and not args.init_image:
         raise ValueError("--strength needs --init-image: it says how far to move away from that image (0 to 1)")
-    image = read_image(args.init_image, IMAGE_SIZE) if args.init_image else None
-    mask = read_mask(args.mask, IMAGE_SIZE) if args.mask else None
+    image = read_image(args.init_image) if args.init_image else None          # its size is the pipeline's to check
+    mask = read_mask(args.mask) if args.mask else None
+    if mask is not None and tuple(mask.shape) != tuple(image.shape[2:]):
+        raise ValueError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} but --init-image {args.init_image} is "
+                         f"{image.shape[3]}x{image.shape[2]}; give them the same size")
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.6)
     set_threads(args.threads)
     start = time.time()
     pipe = load_pipeline("shapes64", args.device) if args.pipeline is None else \
         LatentDiffusion.from_folder(args.pipeline, args.device)
     rows = sample_rows(pipe, args.prompt, args.num, args.seed, image, mask, strength,
-                       guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps)  # (P, num, 3, H, W)
+                       guidance_scale=args.guidance, sampler_name=args.sampler, steps=args.steps)  # (P, num, 3, H, W)
     grid = image_grid(rows.flatten(0, 1), nrow=args.num)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb" if args.force else "xb") as f:      # "xb": never replace a file that appeared meanwhile
@@ -343,10 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--steps", type=POSITIVE, default=None, help="sampler steps (default: the pipeline's, 50)")
     sa.add_argument("--pipeline", metavar="FOLDER", default=None, help="a pipeline folder (default: the shipped one)")
     sa.add_argument("--init-image", dest="init_image", metavar="IMG",
-                    help="img2img: start from this 64x64 image (PNG, JPEG) instead of pure noise")
+                    help="img2img: start from this image instead of pure noise (the shipped model learnt 64x64); "
+                         "read as 8-bit / 255, 16-bit / 65535, float TIFF only if in [0, 1]; transparency is refused "
+                         "(flatten it first)")
     sa.add_argument("--strength", type=FRACTION, default=None,
                     help="with --init-image: 0 keeps the image, 1 ignores it (default 0.6; 1.0 with --mask)")
-    sa.add_argument("--mask", metavar="MASK", help="inpainting: a 64x64 black-and-white image, white = repaint")
+    sa.add_argument("--mask", metavar="MASK", help="inpainting: a black-and-white image of --init-image's size, white "
+                                                   "= repaint (no grey, no transparency)")
     add_threads(sa)
     add_device(sa)
     sa.set_defaults(func=cmd_sample)

@@ -139,17 +139,6 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     return float(d2.clamp_min(0))
 
 
-def frechet_real_baseline(judge: Judge, n: int = 1000, seeds: tuple[int, int] = (EVAL_SEED, OTHER_REAL_SEED)) -> float:
-    """Frechet distance between two disjoint sets of n real Shapes images: the floor a generator is measured against.
-
-    With finite n even two real sets are not at distance 0 (the fitted covariances differ by sampling noise), so a
-    generated set is judged by the ratio to this number ("within 2x of real-vs-real"), with the same n.
-    """
-    if n < 2 or seeds[0] == seeds[1]:
-        raise ValueError(f"need n >= 2 and two different seeds for disjoint sets, got n={n}, seeds={seeds}")
-    return frechet_distance(real_features(judge, n, seeds[0]), real_features(judge, n, seeds[1]))
-
-
 def real_features(judge: Judge, n: int, seed: int) -> Tensor:
     """The judge's features of n real Shapes images of `seed`, rendered at the judge's size: (n, F)."""
     return judge_features(judge, ShapesDataset(n, seed=seed, image_size=judge.config.image_size).images())
@@ -159,7 +148,7 @@ def real_features(judge: Judge, n: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def evaluate_pipeline(pipe, judge: Judge, count: int = 500, seed: int = 0, guidance_scale: float | None = None,
-                      steps: int = 25, sampler: str = "ddim", batch: int = 100) -> dict:
+                      steps: int = 25, sampler_name: str = "ddim", batch: int = 100) -> dict:
     """Generate `count` images for held-out captions (Shapes seed 2024, never trained on) and score them: the judge's
     prompt-following, and the Frechet distance of their judge features to the real images of the same captions,
     next to real vs real (two disjoint real sets of the same size) for scale."""
@@ -167,10 +156,11 @@ def evaluate_pipeline(pipe, judge: Judge, count: int = 500, seed: int = 0, guida
         raise ValueError(f"count must be at least 2 (a covariance needs two images), got {count}")
     prompts = ShapesDataset(count, seed=EVAL_SEED).captions()
     w = pipe.guidance_scale if guidance_scale is None else guidance_scale
-    images = torch.cat([pipe.text_to_image(prompts[i:i + batch], guidance_scale=w, sampler=sampler, steps=steps,
-                                           seed=seed + i) for i in range(0, count, batch)])     # (count, 3, H, W)
+    images = torch.cat([pipe.text_to_image(prompts[i:i + batch], guidance_scale=w, sampler_name=sampler_name,
+                                           steps=steps, seed=seed + i)
+                        for i in range(0, count, batch)])                                 # (count, 3, H, W)
     real = real_features(judge, count, EVAL_SEED)                                       # the same captions
-    return {"count": count, "guidance_scale": w, "steps": steps, "sampler": sampler, "seed": seed,
+    return {"count": count, "guidance_scale": w, "steps": steps, "sampler": sampler_name, "seed": seed,
             "prompt_following": prompt_following(judge, images, prompts),
             "frechet": frechet_distance(judge_features(judge, images), real),
             "frechet_real": frechet_distance(real_features(judge, count, OTHER_REAL_SEED), real)}

@@ -22,9 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minildm.autoencoder import AutoencoderKL, swap_decoder
-from minildm.checkpoint import (config_from_dict, model_files, read_json, recover_interrupted_save,
-                                write_folder_atomically)
+from minildm.autoencoder import AutoencoderKL, check_size_multiple, swap_decoder
+from minildm.checkpoint import (
+    config_from_dict,
+    model_files,
+    read_json,
+    recover_interrupted_save,
+    write_folder_atomically,
+)
 from minildm.device import cpu_generator, default_dtype, get_device, randn
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, check_strength, img2img_start, make_sampler, sample
@@ -83,16 +88,30 @@ def keep_known_region(sampler: Sampler, noise: Tensor, z_known: Tensor,
 # ------------------------------------------------------------------------------------- the parts agree
 
 
-def mismatches(vae: nn.Module, unet: UNet, text_encoder: TextEncoder, tokenizer: Tokenizer,
-               schedule: NoiseSchedule, names: dict | None = None) -> list[str]:
-    """What does not fit between the parts; `names` says what to call each part (a file, when loading)."""
+def check_image_size(height: int, width: int, vae_config, unet_config) -> tuple[int, int]:
+    """The latent's (h, w) for an image of height x width. The VAE divides each side by f and the U-Net halves it
+    (levels - 1) times more, so a side must be a multiple of both together."""
+    f, halvings = vae_config.downsampling_factor, unet_config.downsampling_factor
+    why = f"the VAE divides it by {f}, the U-Net by {halvings} more" if f > 1 else f"the U-Net divides it by {halvings}"
+    check_size_multiple(height, width, f * halvings, why)
+    return height // f, width // f
+
+
+def mismatches(vae, unet, text_encoder, tokenizer: Tokenizer, schedule: NoiseSchedule, names: dict | None = None,
+               image_size: int | None = None) -> list[str]:
+    """What does not fit between the parts; `names` says what to call each part (a file, when loading). The VAE,
+    U-Net and text encoder may be given as modules or as their configs (a trainer checks before it builds), and
+    `image_size` adds the size rule for square images of that side."""
     n = {"vae": "the VAE", "unet": "the U-Net", "text_encoder": "the text encoder", "tokenizer": "the tokenizer",
          "schedule": "the schedule", **(names or {})}
-    u, te = unet.config, text_encoder.config
+    v, u, te = (getattr(part, "config", part) for part in (vae, unet, text_encoder))
     problems = []
-    latent_channels = getattr(vae.config, "latent_channels", None)
+    latent_channels = getattr(v, "latent_channels", None)
     if latent_channels is not None and latent_channels != u.in_channels:
         problems.append(f"{n['unet']} reads {u.in_channels}-channel latents but {n['vae']} makes {latent_channels}")
+    if latent_channels is not None and latent_channels != u.out_channels:
+        problems.append(f"{n['unet']} predicts {u.out_channels} channels but {n['vae']}'s latents have "
+                        f"{latent_channels}")
     if u.context_dim != te.dim:
         problems.append(f"{n['unet']} reads a context of width {u.context_dim} but {n['text_encoder']} makes {te.dim}")
     if (tokenizer.vocab_size, tokenizer.max_length) != (te.vocab_size, te.max_length):
@@ -101,16 +120,34 @@ def mismatches(vae: nn.Module, unet: UNet, text_encoder: TextEncoder, tokenizer:
     if u.num_timesteps != schedule.num_timesteps:
         problems.append(f"{n['unet']} knows {u.num_timesteps} timesteps but {n['schedule']} has "
                         f"{schedule.num_timesteps}")
+    if image_size is not None:
+        try:
+            check_image_size(image_size, image_size, v, u)
+        except (TypeError, ValueError) as err:
+            problems.append(str(err))
     return problems
 
 
-def check_defaults(guidance_scale: float, sampler: str, steps: int) -> None:
+def kind_of(value) -> str:
+    """How a TypeError names what it was given: the type, and for a list or tuple the types inside."""
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {', '.join(sorted({type(v).__name__ for v in value})) or 'nothing'}"
+    return "None" if value is None else type(value).__name__
+
+
+def check_defaults(guidance_scale: float, sampler_name: str, steps: int) -> None:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number (SD uses 7.5), got {kind_of(guidance_scale)}")
     if not guidance_scale >= 0:                                        # NaN fails this too
         raise ValueError(f"guidance_scale must be >= 0 (0: ignore the prompt, 1: the prompt alone, SD uses 7.5); "
                          f"got {guidance_scale}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not isinstance(sampler_name, str):
+        raise TypeError(f"sampler_name must be a str, one of {', '.join(SAMPLERS)}; got {kind_of(sampler_name)}")
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler_name!r}; choose one of {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be a whole number (int, e.g. 50), got {kind_of(steps)}")
+    if steps < 1:
         raise ValueError(f"steps must be a whole number of at least 1 (e.g. 50); got {steps!r}")
 
 
@@ -118,84 +155,91 @@ def check_defaults(guidance_scale: float, sampler: str, steps: int) -> None:
 
 
 class LatentDiffusion:
-    """The parts of Stable Diffusion and the three ways to use them. Every call is seeded: the starting noise, and
-    any noise a stochastic sampler draws, come from one CPU generator, so a seed means the same image anywhere."""
+    """The parts of Stable Diffusion and the three ways to use them.
+
+    What a seed promises: the starting noise, and any noise a stochastic sampler draws, come from one CPU generator
+    seeded by `seed`, so the same seed, prompts and settings give bit-identical images again on the same device
+    with the same number of CPU threads. That is all that is promised. Another thread count adds the model's sums
+    in another order (for the shipped model, 1 vs 2 CPU threads move pixels by about 1e-5 on the [-1, 1] scale, a
+    few 8-bit values by one level; notebook 08 measures it); another device also has its own kernels, and float16
+    on a GPU, so expect close images, not the same bits. `seed=None` draws from torch's global RNG instead.
+    """
 
     def __init__(self, vae: nn.Module, unet: UNet, text_encoder: TextEncoder, tokenizer: Tokenizer,
                  schedule: NoiseSchedule, device: str | torch.device | None = None, guidance_scale: float = 7.5,
-                 sampler: str = "ddim", steps: int = 50):
+                 sampler_name: str = "ddim", steps: int = 50):
         problems = mismatches(vae, unet, text_encoder, tokenizer, schedule)
         if problems:
             raise ValueError("the pipeline's parts do not fit: " + "; ".join(problems) + "; use parts trained together")
-        check_defaults(guidance_scale, sampler, steps)
+        check_defaults(guidance_scale, sampler_name, steps)
         self.device = next(unet.parameters()).device if device is None else get_device(device)
         self.vae, self.unet, self.text_encoder = (m.to(self.device).eval() for m in (vae, unet, text_encoder))
         self.tokenizer, self.schedule = tokenizer, schedule
         self.dtype = next(unet.parameters()).dtype
-        self.guidance_scale, self.sampler, self.steps = guidance_scale, sampler, steps
+        self.guidance_scale, self.sampler_name, self.steps = guidance_scale, sampler_name, steps
 
     @property
     def space(self) -> str:
         """"latent" with a VAE, "pixel" with an identity autoencoder."""
         return "latent" if isinstance(self.vae, AutoencoderKL) else "pixel"
 
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE divides them by f, then the U-Net halves them again."""
-        return self.vae.config.downsampling_factor * self.unet.config.downsampling_factor
-
     # ---------------------------------------------------------------------------- the user's input, checked
 
-    def check_size(self, height: int, width: int) -> tuple[int, int]:
-        """The latent's (h, w) for an image of height x width."""
-        m, f = self.size_multiple, self.vae.config.downsampling_factor
-        sides = (height, width)
-        if not all(isinstance(s, int) and s > 0 for s in sides) or height % m or width % m:
-            fit = "x".join(str(max(m, round(s / m) * m)) if isinstance(s, (int, float)) else str(m) for s in sides)
-            raise ValueError(f"image size {height}x{width} is not a multiple of {m} (the VAE divides it by {f}, the "
-                             f"U-Net by {m // f} more); use {fit}")
-        return height // f, width // f
-
     def check_prompts(self, prompts: str | Sequence[str], what: str = "prompts") -> list[str]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"{what} must be a str or a list of str, got {kind_of(prompts)}; e.g. \"a red circle\"")
         if not prompts:
             raise ValueError(f"{what} is an empty list; give at least one prompt (\"\" is the empty prompt)")
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{what} must be strings, got {[type(p).__name__ for p in prompts]}")
         unknown = sorted({w for p in prompts for w in split_words(p) if w not in self.tokenizer.ids})
         if unknown:
             known = self.tokenizer.words[len(SPECIAL_TOKENS):]
             raise ValueError(f"unknown words {', '.join(map(repr, unknown))} in the {what}; this text encoder knows "
                              f"{len(known)} words (e.g. {', '.join(known[:8])}); rephrase with those, or train a text "
                              f"encoder with Tokenizer(extra_words=[...])")
-        return prompts
+        return list(prompts)
 
     def check_images(self, image: Tensor) -> Tensor:
-        """(3, H, W) or (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) on the pipeline's device and dtype."""
+        """(3, H, W) or (B, 3, H, W) -> (B, 3, H, W) on the pipeline's device and dtype. The rule: a floating-point
+        tensor, no NaN or inf, every value in [-1, 1]. Values past the ends by at most 1e-4 (rounding) are clamped;
+        anything further is refused with the range found, never saturated. uint8 pixels are refused by type."""
         channels = getattr(self.vae.config, "in_channels", 3)
-        if not isinstance(image, Tensor) or image.ndim not in (3, 4) or image.shape[-3] != channels:
-            got = f"shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
-            raise ValueError(f"image must be a ({channels}, H, W) or (B, {channels}, H, W) tensor, got {got}; "
-                             f"convert it with torchvision.transforms.functional.to_tensor and put channels first")
+        shapes = f"({channels}, H, W) or (B, {channels}, H, W)"
+        if not isinstance(image, Tensor):
+            raise TypeError(f"image must be a torch.Tensor {shapes} in [-1, 1], got {kind_of(image)}; convert an "
+                            f"(H, W, 3) uint8 array with minildm.data.to_tensor")
+        if not image.is_floating_point():
+            raise TypeError(f"image must hold floats in [-1, 1], got dtype {image.dtype}; map 0..255 pixels with "
+                            f"x.float() / 127.5 - 1")
+        if image.ndim not in (3, 4) or image.shape[-3] != channels:
+            raise ValueError(f"image must be a {shapes} tensor, got shape {tuple(image.shape)}; put channels first")
         image = image[None] if image.ndim == 3 else image
-        self.check_size(image.shape[2], image.shape[3])
+        check_image_size(image.shape[2], image.shape[3], self.vae.config, self.unet.config)
+        bad = (~torch.isfinite(image)).sum().item()
+        if bad:
+            raise ValueError(f"image holds {bad} NaN or inf values; check how it was loaded and mapped to [-1, 1]")
         low, high = image.min().item(), image.max().item()
-        if not (low >= -1 - 1e-4 and high <= 1 + 1e-4):                 # NaN fails this too
+        if not (low >= -1 - 1e-4 and high <= 1 + 1e-4):
             raise ValueError(f"image values must lie in [-1, 1], got {low:g}..{high:g}; map [0, 1] images with "
                              f"2 x - 1 and [0, 255] ones with x / 127.5 - 1")
         return image.clamp(-1, 1).to(self.device, self.dtype)
 
     def check_mask(self, mask: Tensor, image: Tensor) -> Tensor:
-        """(H, W) or (B, 1, H, W) of 0s and 1s (1 = repaint) -> (B, 1, h, w) at latent size: a latent cell is
-        repainted if any of its pixels is (max-pooling), so no pixel to repaint is left stuck to the old image."""
+        """(H, W) or (B, 1, H, W), bool or float, of 0s and 1s (1 = repaint) -> (B, 1, h, w) at latent size: a latent
+        cell is repainted if any of its pixels is (max-pooling), so no pixel to repaint stays stuck to the old image.
+        Integer masks are refused by type, since 0..255 and 0..1 masks would both look valid."""
         b, _, height, width = image.shape
         shapes = f"({height}, {width}) or ({b}, 1, {height}, {width})"
-        fits = isinstance(mask, Tensor) and (tuple(mask.shape) == (height, width) or (
-            mask.ndim == 4 and mask.shape[0] in (1, b) and tuple(mask.shape[1:]) == (1, height, width)))
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor {shapes} of 0 (keep) and 1 (repaint), got {kind_of(mask)}")
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"mask must be bool or float (1 = repaint), got dtype {mask.dtype}; use mask > 127 for a "
+                            f"0..255 mask, or mask.bool() for 0 and 1")
+        fits = tuple(mask.shape) == (height, width) or (
+            mask.ndim == 4 and mask.shape[0] in (1, b) and tuple(mask.shape[1:]) == (1, height, width))
         if not fits:
-            got = f"shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be {shapes} for this {height}x{width} image, got {got}; resize it to the "
-                             f"image")
+            raise ValueError(f"mask must be {shapes} for this {height}x{width} image, got shape "
+                             f"{tuple(mask.shape)}; resize it to the image")
         if not ((mask == 0) | (mask == 1)).all():
             odd = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
             raise ValueError(f"mask must hold only 0 (keep) and 1 (repaint), got values like {odd}; threshold it "
@@ -237,15 +281,18 @@ class LatentDiffusion:
     # ------------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate(self, prompts, height: int, width: int, guidance_scale=None, sampler=None, steps=None, seed=0,
-                 negative_prompt=None, callback: Callable[[Step], None] | None = None, output_type="images",
-                 init: Tensor | None = None, strength: float = 1.0, known: tuple[Tensor, Tensor] | None = None):
+    def generate(self, prompts: str | Sequence[str], height: int, width: int, *, guidance_scale: float | None = None,
+                 sampler_name: str | None = None, steps: int | None = None, seed: int | None = 0,
+                 negative_prompt: str | Sequence[str] | None = None, callback: Callable[[Step], None] | None = None,
+                 output_type: str = "images", init: Tensor | None = None, strength: float = 1.0,
+                 known: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The one loop behind all three: prompts -> context; seeded noise -> (img2img start) -> sampler -> z_0.
-        `known` = (z_0 of the image, repaint mask at latent size) turns on inpainting."""
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
-        name = self.sampler if sampler is None else sampler
+        `init` (an image's z_0) starts part-way, by `strength`; `known` = (z_0 of the image, repaint mask at latent
+        size) turns on inpainting. A setting left at None is the pipeline's default."""
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        sampler_name = self.sampler_name if sampler_name is None else sampler_name
         steps = self.steps if steps is None else steps
-        check_defaults(w, name, steps)
+        check_defaults(guidance_scale, sampler_name, steps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         check_strength(strength)
@@ -256,31 +303,33 @@ class LatentDiffusion:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
-        h, w_latent = self.check_size(height, width)
+        h, w = check_image_size(height, width, self.vae.config, self.unet.config)
 
         encode = self.text_encoder.encode_prompts
         context = encode(self.tokenizer, prompts, self.device).to(self.dtype)                # (B, L, D)
         uncond_context = encode(self.tokenizer, negatives, self.device).to(self.dtype)       # (B, L, D)
-        model_fn = guided_model_fn(self.unet, context, uncond_context, w)
-        scheduler = make_sampler(name, self.schedule, steps)
+        model_fn = guided_model_fn(self.unet, context, uncond_context, guidance_scale)
+        sampler = make_sampler(sampler_name, self.schedule, steps)
         generator = cpu_generator(seed)
-        shape = (len(prompts), self.unet.config.in_channels, h, w_latent)
+        shape = (len(prompts), self.unet.config.in_channels, h, w)
         noise = randn(shape, generator, self.device, self.dtype)                            # (B, C, h, w)
 
-        before_step = None if known is None else keep_known_region(scheduler, noise, *known)
-        z0 = sample(model_fn, noise, scheduler, generator, callback, init, strength, before_step)
+        before_step = None if known is None else keep_known_region(sampler, noise, *known)
+        z0 = sample(model_fn, noise, sampler, generator, callback=callback, init=init, strength=strength,
+                    before_step=before_step)
         if known is not None:
             z_known, repaint = known
             z0 = repaint * z0 + (1 - repaint) * z_known                   # the kept region, exactly the image's
         return self.decode_latents(z0) if output_type == "images" else z0
 
-    def text_to_image(self, prompts: str | Sequence[str], guidance_scale: float | None = None,
-                      sampler: str | None = None, steps: int | None = None, seed: int | None = 0, height: int = 64,
-                      width: int = 64, negative_prompt: str | Sequence[str] | None = None,
+    def text_to_image(self, prompts: str | Sequence[str], *, height: int = 64, width: int = 64,
+                      guidance_scale: float | None = None, sampler_name: str | None = None, steps: int | None = None,
+                      seed: int | None = 0, negative_prompt: str | Sequence[str] | None = None,
                       callback: Callable[[Step], None] | None = None, output_type: str = "images") -> Tensor:
         """One image per prompt: (B, 3, H, W) in [-1, 1] (float32, CPU), or the z_0 latents (B, C, h, w)."""
-        return self.generate(prompts, height, width, guidance_scale, sampler, steps, seed, negative_prompt,
-                             callback, output_type)
+        return self.generate(prompts, height, width, guidance_scale=guidance_scale, sampler_name=sampler_name,
+                             steps=steps, seed=seed, negative_prompt=negative_prompt, callback=callback,
+                             output_type=output_type)
 
     def match_batch(self, image: Tensor, prompts) -> tuple[Tensor, list[str]]:
         """One prompt per image; a single image or a single prompt is repeated to match the other."""
@@ -291,30 +340,34 @@ class LatentDiffusion:
                              f"for all")
         return image.expand(b, *image.shape[1:]), prompts * (b // len(prompts))
 
-    def image_to_image(self, image: Tensor, prompt: str | Sequence[str], strength: float = 0.6,
-                       guidance_scale: float | None = None, sampler: str | None = None, steps: int | None = None,
+    def image_to_image(self, image: Tensor, prompt: str | Sequence[str], *, strength: float = 0.6,
+                       guidance_scale: float | None = None, sampler_name: str | None = None, steps: int | None = None,
                        seed: int | None = 0, negative_prompt: str | Sequence[str] | None = None,
                        callback: Callable[[Step], None] | None = None, output_type: str = "images") -> Tensor:
         """SDEdit: noise the image's latent to strength x the way and denoise it towards the prompt. Strength 0
-        gives back the image (through the VAE), strength 1 ignores it (the same as text_to_image, same seed)."""
+        gives back the image (through the VAE), strength 1 ignores it (the same as text_to_image, same seed).
+        The image follows check_images' rule: floats in [-1, 1], no NaN or inf."""
         image, prompts = self.match_batch(self.check_images(image), prompt)
         z0 = self.encode_images(image)                                                       # (B, C, h, w)
-        return self.generate(prompts, image.shape[2], image.shape[3], guidance_scale, sampler, steps, seed,
-                             negative_prompt, callback, output_type, init=z0, strength=strength)
+        return self.generate(prompts, image.shape[2], image.shape[3], guidance_scale=guidance_scale,
+                             sampler_name=sampler_name, steps=steps, seed=seed, negative_prompt=negative_prompt,
+                             callback=callback, output_type=output_type, init=z0, strength=strength)
 
-    def inpaint(self, image: Tensor, mask: Tensor, prompt: str | Sequence[str], strength: float = 1.0,
-                guidance_scale: float | None = None, sampler: str | None = None, steps: int | None = None,
+    def inpaint(self, image: Tensor, mask: Tensor, prompt: str | Sequence[str], *, strength: float = 1.0,
+                guidance_scale: float | None = None, sampler_name: str | None = None, steps: int | None = None,
                 seed: int | None = 0, negative_prompt: str | Sequence[str] | None = None,
                 callback: Callable[[Step], None] | None = None, output_type: str = "images",
                 keep_pixels: bool = False) -> Tensor:
-        """Repaint where mask = 1, keep where mask = 0. The latent's kept region is the image's at every step (noised
-        to that step's level) and exactly at the end; `keep_pixels` also pastes the original pixels there, since
-        the VAE's round trip blurs them a little."""
+        """Repaint where mask = 1, keep where mask = 0 (a bool or float mask, see check_mask). The latent's kept
+        region is the image's at every step (noised to that step's level) and exactly at the end; `keep_pixels` also
+        pastes the original pixels there, since the VAE's round trip blurs them a little."""
         image, prompts = self.match_batch(self.check_images(image), prompt)
         repaint = self.check_mask(mask, image)                                               # (B, 1, h, w)
         z0 = self.encode_images(image)                                                       # (B, C, h, w)
-        out = self.generate(prompts, image.shape[2], image.shape[3], guidance_scale, sampler, steps, seed,
-                            negative_prompt, callback, output_type, init=z0, strength=strength, known=(z0, repaint))
+        out = self.generate(prompts, image.shape[2], image.shape[3], guidance_scale=guidance_scale,
+                            sampler_name=sampler_name, steps=steps, seed=seed, negative_prompt=negative_prompt,
+                            callback=callback, output_type=output_type, init=z0, strength=strength,
+                            known=(z0, repaint))
         if output_type == "images" and keep_pixels:
             m = mask.to(out.dtype).reshape(-1, 1, *image.shape[2:])                          # (B or 1, 1, H, W)
             out = m * out + (1 - m) * image.float().cpu()
@@ -426,7 +479,7 @@ def save_pipeline(folder: str | os.PathLike, pipe: LatentDiffusion, vae_folder_n
         parts["vae"] = model_files(pipe.vae, pipe.vae.config.to_dict())
     files = {f"{part}/{name}": content for part, contents in parts.items() for name, content in contents.items()}
     files[PIPELINE_NAME] = {"vae": (vae_folder_name or "vae") if latent else None, "space": pipe.space,
-                            "guidance_scale": pipe.guidance_scale, "sampler": pipe.sampler, "steps": pipe.steps}
+                            "guidance_scale": pipe.guidance_scale, "sampler": pipe.sampler_name, "steps": pipe.steps}
     files[SCHEDULER_NAME] = pipe.schedule.to_dict()
     return write_folder_atomically(folder, {**files, **(extra_files or {})}, kind="pipeline")
 

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.autoencoder import ResBlock, Upsample, group_norm
+from minildm.autoencoder import ResBlock, Upsample, check_size_multiple, group_norm
 from minildm.checkpoint import load_config, load_weights_into
 
 
@@ -305,11 +305,8 @@ class UNet(nn.Module):
         c = self.config
         if zt.ndim != 4 or zt.shape[1] != c.in_channels:
             raise ValueError(f"z_t must be (B, {c.in_channels}, h, w) latents, got shape {tuple(zt.shape)}")
-        f = c.downsampling_factor
-        if zt.shape[2] % f or zt.shape[3] % f:
-            fit = "x".join(str(max(f, round(side / f) * f)) for side in zt.shape[2:])
-            raise ValueError(f"latent size {zt.shape[2]}x{zt.shape[3]} is not a multiple of {f} (the U-Net halves it "
-                             f"{len(c.block_out_channels) - 1} times); use {fit}")
+        check_size_multiple(zt.shape[2], zt.shape[3], c.downsampling_factor,
+                            f"the U-Net halves it {len(c.block_out_channels) - 1} times", what="latent size")
         if any(c.attention_levels) or c.mid_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != c.context_dim:
                 got = "None" if context is None else f"shape {tuple(context.shape)}"

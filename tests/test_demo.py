@@ -10,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +18,7 @@ from PIL import Image
 from minildm import demo
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
 from minildm.checkpoint import save_model
-from minildm.cli import main
+from minildm.cli import main, read_image, read_mask
 from minildm.pipeline import LatentDiffusion, save_pipeline
 from minildm.schedule import NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer
@@ -184,7 +185,8 @@ def test_sample_never_overwrites_a_file_unless_forced(folders, tmp_path, capsys)
 
 @pytest.mark.parametrize("case, says", [
     ("unknown word", "unknown words 'pink'"),
-    ("small init image", "32x32"),
+    ("init image size", "image size 40x40 is not a multiple of 16"),
+    ("mask size", "--mask"),
     ("grey mask", "black (keep) and white"),
     ("mask without image", "--init-image"),
     ("not a png name", ".png"),
@@ -193,7 +195,9 @@ def test_sample_never_overwrites_a_file_unless_forced(folders, tmp_path, capsys)
 def test_sample_rejects_bad_input_with_one_line_and_exit_code_1(folders, tmp_path, capsys, case, says):
     image = write_image(tmp_path / "in.png")
     args = {"unknown word": ["--prompt", "a pink circle"],
-            "small init image": ["--prompt", "a red circle", "--init-image", write_image(tmp_path / "s.png", 32)],
+            "init image size": ["--prompt", "a red circle", "--init-image", write_image(tmp_path / "s.png", 40)],
+            "mask size": ["--prompt", "a red circle", "--init-image", image,
+                          "--mask", write_image(tmp_path / "m.png", 32, mode="L")],
             "grey mask": ["--prompt", "a red circle", "--init-image", image,
                           "--mask", write_image(tmp_path / "grey.png", mode="L", value=128)],
             "mask without image": ["--prompt", "a red circle", "--mask", write_image(tmp_path / "black.png", mode="L")],
@@ -203,3 +207,54 @@ def test_sample_rejects_bad_input_with_one_line_and_exit_code_1(folders, tmp_pat
     assert sample(folders, out, *args) == 1
     assert says in one_line_error(capsys)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- reading init images and masks
+
+
+def test_an_opaque_rgba_image_reads_like_its_rgb_and_a_transparent_one_is_refused(tmp_path):
+    rgb = Image.new("RGB", (16, 16), (200, 30, 30))
+    rgb.save(tmp_path / "rgb.png")
+    rgb.convert("RGBA").save(tmp_path / "opaque.png")
+    assert torch.equal(read_image(str(tmp_path / "opaque.png")), read_image(str(tmp_path / "rgb.png")))
+    see_through = rgb.convert("RGBA")
+    see_through.putpixel((3, 4), (200, 30, 30, 128))
+    see_through.save(tmp_path / "alpha.png")
+    with pytest.raises(ValueError, match=r"has 1 transparent pixels; flatten it onto a background first") as err:
+        read_image(str(tmp_path / "alpha.png"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_16_bit_png_is_scaled_by_65535_not_clipped_at_255(tmp_path):
+    values = np.array([[0, 1000], [32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as check:
+        assert check.mode.startswith("I;16"), check.mode                   # Pillow really kept the 16 bits
+    got = read_image(str(tmp_path / "deep.png"))                            # (1, 3, 2, 2), grey to RGB
+    want = torch.from_numpy(values.astype(np.float32) / 65535 * 2 - 1)
+    assert got.shape == (1, 3, 2, 2)
+    assert torch.allclose(got[0], want.expand(3, 2, 2), atol=1e-6), got[0, 0]
+
+
+def test_a_float_tiff_is_read_as_it_is_in_0_1_and_refused_outside_or_with_nan(tmp_path):
+    values = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "ok.tif")
+    assert torch.allclose(read_image(str(tmp_path / "ok.tif"))[0, 1], torch.from_numpy(values * 2 - 1))
+    for name, bad, says in (("big", 2.0, r"holds floats 0\.\.2 .*finite values in \[0, 1\]"),
+                            ("nan", float("nan"), r"NaN or inf: 1\)")):
+        Image.fromarray(np.where(values == 1.0, bad, values).astype(np.float32)).save(tmp_path / f"{name}.tif")
+        with pytest.raises(ValueError, match=says) as err:
+            read_image(str(tmp_path / f"{name}.tif"))
+        assert "\n" not in str(err.value)
+
+
+def test_a_mask_reads_as_0_and_1_from_8_bit_16_bit_and_float_files_and_grey_is_refused(tmp_path):
+    want = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    Image.fromarray((want.numpy() * 255).astype(np.uint8)).save(tmp_path / "m8.png")
+    Image.fromarray((want.numpy() * 65535).astype(np.uint16)).save(tmp_path / "m16.png")
+    Image.fromarray(want.numpy()).save(tmp_path / "mf.tif")
+    for name in ("m8.png", "m16.png", "mf.tif"):
+        assert torch.equal(read_mask(str(tmp_path / name)), want), name
+    Image.fromarray(np.array([[0, 65535], [40000, 0]], dtype=np.uint16)).save(tmp_path / "grey16.png")
+    with pytest.raises(ValueError, match=r"1 pixels are grey \(e\.g\. 0\.61 of 1\)"):
+        read_mask(str(tmp_path / "grey16.png"))

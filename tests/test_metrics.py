@@ -193,8 +193,8 @@ class RealImages:
         self.index = {caption: i for i, caption in reversed(list(enumerate(data.captions())))}
         self.wrong, self.calls = wrong, []
 
-    def text_to_image(self, prompts, guidance_scale, sampler, steps, seed):
-        self.calls.append((len(prompts), guidance_scale, sampler, steps, seed))
+    def text_to_image(self, prompts, *, guidance_scale, sampler_name, steps, seed):     # LatentDiffusion's keywords
+        self.calls.append((len(prompts), guidance_scale, sampler_name, steps, seed))
         if self.wrong:
             return self.images[:1].expand(len(prompts), -1, -1, -1)
         return self.images[[self.index[p] for p in prompts]]

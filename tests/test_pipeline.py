@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
 from minildm.checkpoint import save_model
-from minildm.pipeline import LatentDiffusion, guided_model_fn, guided_output, img2img_start, save_pipeline
+from minildm.pipeline import (LatentDiffusion, guided_model_fn, guided_output, img2img_start, mismatches,
+                              save_pipeline)
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import make_sampler
 from minildm.schedule import NoiseSchedule
@@ -60,9 +63,11 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------- seeds
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
-def test_the_same_seed_gives_bit_identical_images_and_another_seed_different_ones(pipe, sampler):
-    first, again, other = (generate(pipe, seed=s, sampler=sampler) for s in (7, 7, 8))
+@pytest.mark.parametrize("sampler_name", ["ddim", "euler_a"])
+def test_the_same_seed_at_the_same_thread_count_gives_bit_identical_images_and_another_seed_different_ones(
+        pipe, sampler_name):
+    assert torch.get_num_threads() == 1                              # the promise holds at a fixed thread count
+    first, again, other = (generate(pipe, seed=s, sampler_name=sampler_name) for s in (7, 7, 8))
     assert first.shape == (2, 3, SIZE, SIZE) and first.dtype == torch.float32 and first.device.type == "cpu"
     assert first.min() >= -1 and first.max() <= 1
     assert torch.equal(first, again), f"seed 7 twice differs by {max_error(first, again):.2e}"
@@ -186,7 +191,7 @@ def test_a_saved_pipeline_loads_back_to_identical_images(pipe, tmp_path):
     assert {p.name for p in (tmp_path / "ldm").iterdir()} == {"unet", "text_encoder", "vae", "pipeline.json",
                                                               "scheduler.json"}
     loaded = LatentDiffusion.from_folder(tmp_path / "ldm", device="cpu")
-    assert (loaded.guidance_scale, loaded.sampler, loaded.steps) == (3.0, "ddim", 4)
+    assert (loaded.guidance_scale, loaded.sampler_name, loaded.steps) == (3.0, "ddim", 4)
     assert torch.equal(generate(loaded), generate(pipe))
 
 
@@ -248,7 +253,7 @@ def mask_with(value: float) -> torch.Tensor:
     (lambda p: p.text_to_image("a red circle", height=21, width=SIZE), "not a multiple of 4.*use 20x16"),
     (lambda p: p.text_to_image("a red circle", guidance_scale=-1.0), "guidance_scale must be >= 0"),
     (lambda p: p.text_to_image("a red circle", steps=0), "steps must be a whole number of at least 1"),
-    (lambda p: p.text_to_image("a red circle", sampler="dpm"), "unknown sampler"),
+    (lambda p: p.text_to_image("a red circle", sampler_name="dpm"), "unknown sampler"),
     (lambda p: p.text_to_image("a red circle", output_type="pil"), "output_type must be one of"),
     (lambda p: p.text_to_image("a red circle", negative_prompt=["", ""]), "2 negative prompts for 1"),
     (lambda p: p.image_to_image(images(), "a red circle", strength=1.5), r"strength must be in \[0, 1\]"),
@@ -259,11 +264,89 @@ def mask_with(value: float) -> torch.Tensor:
     (lambda p: p.inpaint(images(), torch.zeros(8, 8), "a red circle"), r"mask must be \(16, 16\) or \(1, 1, 16, 16\)"),
     (lambda p: p.inpaint(images(), mask_with(0.5), "a red circle"), "only 0 .keep. and 1 .repaint."),
     (lambda p: p.inpaint(images(), mask_with(1.0), "a red circle", strength=-0.1), r"strength must be in \[0, 1\]"),
+    (lambda p: p.inpaint(images(), mask_with(float("nan")), "a red circle"), r"only 0 .keep. and 1 .repaint.*nan"),
+    (lambda p: p.text_to_image("a red circle", height=0, width=SIZE), "has a side below 1.*use 4x16"),
+    (lambda p: p.text_to_image("a red circle", steps=-2), "steps must be a whole number of at least 1"),
+    (lambda p: p.image_to_image(images() * 3, "a red circle"), r"in \[-1, 1\], got -2\.\d+\.\.2\.\d+"),
+    (lambda p: p.image_to_image(with_value(float("nan")), "a red circle"), "holds 1 NaN or inf values"),
+    (lambda p: p.image_to_image(with_value(float("inf")), "a red circle"), "holds 1 NaN or inf values"),
+    (lambda p: p.image_to_image(with_value(1.01), "a red circle"), r"in \[-1, 1\], got .*\.\.1\.01"),
 ])
 def test_bad_input_is_a_one_line_value_error_that_says_what_to_do(pipe, call, message):
     with pytest.raises(ValueError, match=message) as err:
         call(pipe)
     assert "\n" not in str(err.value)
+
+
+def with_value(value: float) -> torch.Tensor:
+    x = images()
+    x[0, 1, 2, 3] = value
+    return x
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.text_to_image(None), "prompts must be a str or a list of str, got None"),
+    (lambda p: p.text_to_image(7), "prompts must be a str or a list of str, got int"),
+    (lambda p: p.text_to_image(["a red circle", 3]), "got a list of int, str"),
+    (lambda p: p.text_to_image("a red circle", negative_prompt=0), "negative_prompt must be a str .*, got int"),
+    (lambda p: p.text_to_image("a red circle", guidance_scale="7.5"), "guidance_scale must be a number.*got str"),
+    (lambda p: p.text_to_image("a red circle", sampler_name=make_sampler("ddim", p.schedule, 2)),
+     "sampler_name must be a str.*got DDIM"),
+    (lambda p: p.text_to_image("a red circle", steps=2.5), r"steps must be a whole number \(int.*got float"),
+    (lambda p: p.text_to_image("a red circle", height=16.0, width=SIZE), r"image size 16\.0x16 must be two whole"),
+    (lambda p: p.image_to_image(images().numpy(), "a red circle"), "image must be a torch.Tensor .*got ndarray"),
+    (lambda p: p.image_to_image(None, "a red circle"), "image must be a torch.Tensor .*got None"),
+    (lambda p: p.image_to_image(((images() + 1) * 127.5).to(torch.uint8), "a red circle"),
+     r"image must hold floats in \[-1, 1\], got dtype torch.uint8; map 0..255 pixels with x.float\(\) / 127.5 - 1"),
+    (lambda p: p.inpaint(images(), mask_with(1.0).to(torch.uint8), "a red circle"),
+     "mask must be bool or float .*got dtype torch.uint8"),
+    (lambda p: p.inpaint(images(), mask_with(1.0).tolist(), "a red circle"), r"mask must be a torch.Tensor .*got a list"),
+])
+def test_a_wrong_type_is_a_one_line_type_error_naming_what_was_given_and_what_is_expected(pipe, call, message):
+    with pytest.raises(TypeError, match=message) as err:
+        call(pipe)
+    assert "\n" not in str(err.value)
+
+
+def test_settings_after_the_prompts_and_size_are_keyword_only(pipe):
+    with pytest.raises(TypeError, match="positional"):
+        pipe.generate("a red circle", SIZE, SIZE, 3.0)                   # a guidance scale by position
+    with pytest.raises(TypeError, match="positional"):
+        pipe.text_to_image("a red circle", SIZE)
+    with pytest.raises(TypeError, match="positional"):
+        pipe.image_to_image(images(), "a red circle", 0.5)
+    with pytest.raises(TypeError, match="positional"):
+        pipe.inpaint(images(), mask_with(1.0), "a red circle", 0.5)
+
+
+def test_a_bool_mask_repaints_exactly_like_the_same_float_mask(pipe):
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask[:, :8] = True
+    as_bool = pipe.inpaint(images(), mask, "a red circle", steps=2, keep_pixels=True)
+    as_float = pipe.inpaint(images(), mask.float(), "a red circle", steps=2, keep_pixels=True)
+    assert torch.equal(as_bool, as_float)
+
+
+def test_the_size_rule_gives_one_message_for_the_pipeline_the_trainer_and_the_u_net(pipe):
+    with pytest.raises(ValueError) as err:
+        pipe.text_to_image("a red circle", height=21, width=21)
+    from_pipeline = str(err.value)
+    assert from_pipeline == ("image size 21x21 is not a multiple of 4 (the VAE divides it by 2, the U-Net by 2 "
+                             "more); use 20x20")
+    parts = (pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.schedule)
+    assert mismatches(*parts, image_size=21) == [from_pipeline]                  # what the trainer calls
+    configs = (pipe.vae.config, pipe.unet.config, pipe.text_encoder.config, pipe.tokenizer, pipe.schedule)
+    assert mismatches(*configs, image_size=21) == [from_pipeline] and mismatches(*configs, image_size=16) == []
+    context = pipe.text_encoder.encode_prompts(pipe.tokenizer, ["a red circle"])
+    with pytest.raises(ValueError) as err:
+        pipe.unet(torch.randn(1, 4, 5, 8), 1, context)
+    assert str(err.value) == "latent size 5x8 is not a multiple of 2 (the U-Net halves it 1 times); use 4x8"
+
+
+def test_a_u_net_that_predicts_other_channels_than_the_latents_does_not_fit(pipe):
+    config = dataclasses.replace(pipe.unet.config, out_channels=8)
+    problems = mismatches(pipe.vae.config, config, pipe.text_encoder.config, pipe.tokenizer, pipe.schedule)
+    assert problems == ["the U-Net predicts 8 channels but the VAE's latents have 4"], problems
 
 
 def test_parts_that_do_not_fit_are_refused_when_the_pipeline_is_built(pipe):
