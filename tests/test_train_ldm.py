@@ -12,17 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minildm.ema import EMA
+from minildm.ldm_recipe import LDMTrainConfig, autocast_dtype, model_configs
 from minildm.schedule import NoiseSchedule
-from minildm.train_ldm import (
-    CHECKPOINT,
-    EMA,
-    LDMTrainConfig,
-    LDMTrainer,
-    autocast_dtype,
-    diffusion_loss,
-    export_pipeline,
-    model_configs,
-)
+from minildm.train_ldm import CHECKPOINT, LDMTrainer, diffusion_loss, export_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,8 +30,7 @@ def tiny_config(**changes) -> LDMTrainConfig:
 
 def trainer(tmp_path, name="run", resume=False, **changes) -> LDMTrainer:
     cfg = tiny_config(**changes)
-    return LDMTrainer(cfg, tmp_path / name, model_configs(cfg.space, prediction_type=cfg.prediction_type, **TINY),
-                      resume=resume, progress=False)
+    return LDMTrainer(cfg, tmp_path / name, model_configs(cfg.space, **TINY), resume=resume, progress=False)
 
 
 def weights(folder) -> dict:
@@ -117,6 +109,7 @@ def test_ema_follows_the_ramped_decay():
 
 def test_caption_dropout_replaces_about_the_asked_share_with_the_empty_prompt(tmp_path):
     run = trainer(tmp_path, caption_dropout=0.3, batch_size=64)
+    run.prepare()
     empty = run.tokenizer.encode("").ids[0]
     dropped = sum(int((run.batch(step)[1] == empty).all(dim=1).sum()) for step in range(20))
     share = dropped / (20 * 64)
@@ -125,6 +118,8 @@ def test_caption_dropout_replaces_about_the_asked_share_with_the_empty_prompt(tm
 
 def test_a_batch_is_a_pure_function_of_seed_and_step(tmp_path):
     a, b = trainer(tmp_path, "a"), trainer(tmp_path, "b")
+    a.prepare()
+    b.prepare()
     for x, y in zip(a.batch(5), b.batch(5)):
         assert torch.equal(x, y)
     assert not torch.equal(a.batch(5)[0], a.batch(6)[0])
@@ -132,6 +127,7 @@ def test_a_batch_is_a_pure_function_of_seed_and_step(tmp_path):
 
 def test_latents_are_cached_once_and_have_about_unit_variance(tmp_path):
     run = trainer(tmp_path, num_train_images=128)
+    run.prepare()
     assert (tmp_path / "run" / "latents.safetensors").is_file()
     z0 = torch.cat([run.batch(step)[0] for step in range(8)])
     assert z0.shape[1:] == (4, 8, 8)
@@ -192,6 +188,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp
 
 def test_pixel_space_trains_the_same_recipe_on_3x64x64(tmp_path):
     run = trainer(tmp_path, space="pixel", num_train_images=16, batch_size=2, steps=1)
+    run.prepare()
     z0 = run.batch(0)[0]
     assert z0.shape == (2, 3, 64, 64) and z0.min() >= -1 and z0.max() <= 1
     run.run()
