@@ -116,7 +116,7 @@ class LDMTrainer:
             self.load()
         self.trained: nn.Module = self.model      # DDP's wrapper once prepare() has joined the process group
         self.ids = self.z_source = None           # the data, once prepare() has loaded it
-        self.losses: list[Tensor] = []            # the losses since the last record, still on the device
+        self.unread: list[Tensor] = []            # (loss, grad norm) of each step since the last record, on the device
 
     def vae_path(self) -> Path:
         vae = self.cfg.vae
@@ -219,7 +219,7 @@ class LDMTrainer:
         with StopRequested() as stop:
             while self.step < end and not stop_agreed(stop, self.world_size, self.device):
                 record = self.train_step()
-                self.losses.append(record["loss"])
+                self.unread.append(torch.stack([record["loss"], record["grad_norm"]]))    # no wait for the device
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self.record(record, self.train_seconds + time.time() - start_time)
                     bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}", lr=f"{record['lr']:.1e}")
@@ -246,20 +246,28 @@ class LDMTrainer:
 
     def record(self, last: dict, seconds: float) -> None:
         """Add the mean loss since the last record to the history (a smoother curve than single steps)."""
-        losses = self.read_losses()
+        losses = self.read_steps()[:, 0]
         self.history.append({"step": self.step, "loss": float(losses.double().mean()), "lr": last["lr"],
                              "grad_norm": float(last["grad_norm"]), "seconds": round(seconds, 2)})
-        self.losses = []
+        self.unread = []
 
-    def read_losses(self) -> Tensor:
-        """The losses since the last record, read from the device in one go; a non-finite one stops training and names
-        its step (checked at every record and before every save, so no bad step is ever saved)."""
-        losses = torch.stack(self.losses).float().cpu() if self.losses else torch.zeros(0)
-        bad = (~torch.isfinite(losses)).nonzero().flatten()
-        if len(bad):
-            step = self.step - len(losses) + int(bad[0])
-            raise non_finite_loss(float(losses[bad[0]]), step, self.kept(), self.loss_cause(step))
-        return losses
+    def read_steps(self) -> Tensor:
+        """(loss, grad norm) of each step since the last record, read from the device in one go. The first non-finite
+        one stops training and names its step; this runs at every record and before every save, so a bad step is
+        never saved."""
+        steps = torch.stack(self.unread).float().cpu() if self.unread else torch.zeros(0, 2)    # (n, 2)
+        first = self.step - len(steps)
+        bad_loss = (~torch.isfinite(steps[:, 0])).nonzero().flatten().tolist()
+        # under fp16 an inf gradient is routine: the GradScaler skips that step and lowers its scale
+        bad_grad = [] if self.scaler.is_enabled() else (~torch.isfinite(steps[:, 1])).nonzero().flatten().tolist()
+        if bad_grad and (not bad_loss or bad_grad[0] < bad_loss[0]):
+            raise FloatingPointError(f"a gradient became {float(steps[bad_grad[0], 1])} at step {first + bad_grad[0]} "
+                                     f"although its loss was finite; training stopped and {self.kept()}. "
+                                     f"{self.overflow_hint()}")
+        if bad_loss:
+            step = first + bad_loss[0]
+            raise non_finite_loss(float(steps[bad_loss[0], 0]), step, self.kept(), self.loss_cause(step))
+        return steps
 
     def loss_cause(self, step: int) -> str:
         """What to try after a non-finite loss. The step's batch is a pure function of the step: look at it again."""
@@ -267,6 +275,10 @@ class LDMTrainer:
             where = f"the latent cache {self.out / LATENT_CACHE}" if self.cfg.space == "latent" else "the images"
             return f"That step's z_0 holds NaN or inf: check the data and {where}"
         return "Lower --lr" + (", or use --precision fp32" if self.autocast is not None else "")
+
+    def overflow_hint(self) -> str:
+        """What to try when numbers overflowed on a finite loss (the lr is not to blame for that)."""
+        return "Try --precision fp32" if self.autocast is not None else "Check the training data for extreme values"
 
     def kept(self) -> str:
         return kept_checkpoint(self.out / CHECKPOINT, self.saved_step)
@@ -276,12 +288,11 @@ class LDMTrainer:
     def save(self, summary: dict | None = None) -> None:
         """Rank 0 writes the checkpoint folder atomically: an interrupted save keeps the previous one. Every loss and
         every weight is checked first: a NaN never replaces a good checkpoint."""
-        self.read_losses()
+        self.read_steps()
         if self.rank == 0:
             weights = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
                        **{f"ema.{k}": v for k, v in self.ema.shadow.items()}}
-            hint = "Try --precision fp32" if self.autocast is not None else "Check the training data for extreme values"
-            check_weights_finite(weights, self.step, self.kept(), hint)
+            check_weights_finite(weights, self.step, self.kept(), self.overflow_hint())
             opt_tensors, opt_groups = optimizer_to_tensors(self.opt)
             trainer = {"step": self.step, "train_seconds": self.train_seconds, "train_config": asdict(self.cfg),
                        "optimizer_groups": opt_groups, "scaler": self.scaler.state_dict(),

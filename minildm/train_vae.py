@@ -52,6 +52,7 @@ from minildm.discriminator import (
 )
 from minildm.metrics import psnr
 from minildm.training_guards import (
+    check_gradients_finite,
     check_weights_finite,
     has_checkpoint,
     kept_checkpoint,
@@ -242,6 +243,7 @@ class VAETrainer:
             raise non_finite_loss(loss.item(), step, self.kept(), "Lower --lr, or check the data for NaN/inf")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        check_gradients_finite(self.vae, step, self.kept(), "Check the data for extreme values")
         optimizer_step(self.opt.step, lr, step, self.kept())
         if self.disc is not None and step >= cfg.disc_start:
             self.disc.train()

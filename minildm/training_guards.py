@@ -58,6 +58,15 @@ def check_weights_finite(tensors: dict[str, Tensor], step: int, kept: str, hint:
                                  f"finite: a gradient overflowed; training stopped and {kept}. {hint}")
 
 
+def check_gradients_finite(model: torch.nn.Module, step: int, kept: str, hint: str) -> None:
+    """Stop before the optimizer step when a gradient is NaN or inf although the loss was finite: the step would
+    spoil every weight it touches."""
+    name = first_non_finite({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    if name is not None:
+        raise FloatingPointError(f"a gradient became NaN or inf at step {step} ({name}) although the loss was finite; "
+                                 f"training stopped and {kept}. {hint}")
+
+
 def non_finite_loss(loss: float, step: int, kept: str, cause: str) -> FloatingPointError:
     return FloatingPointError(f"loss became {loss} at step {step}; training stopped and {kept}. {cause}")
 
