@@ -435,7 +435,7 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
                "sample_s": sample_s, "eval_images": quality["count"], "prompt_following": quality["prompt_following"],
                "frechet": quality["frechet"], "frechet_real": quality["frechet_real"]}
         if keep:
-            from minildm.train_ldm import export_pipeline
+            from minildm.ldm_export import export_pipeline
             trainer.save({"steps": trainer.step, "train_seconds": row["train_s"]})
             target = root / f"{trainer.out.name}-pipeline"
             export_pipeline(trainer.out, target, {"made_by": "benchmarks/latent_vs_pixel.py --quality",

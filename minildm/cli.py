@@ -182,8 +182,9 @@ def cmd_train_vae(args) -> int:
 def cmd_train_ldm(args) -> int:
     import torch
 
+    from minildm.ldm_export import export_pipeline
     from minildm.ldm_recipe import LDMTrainConfig, model_configs
-    from minildm.train_ldm import LDMTrainer, export_pipeline
+    from minildm.train_ldm import LDMTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,8 @@ Three pieces of the recipe, kept apart from the loop that uses them (train_ldm.p
 
 - `LDMTrainConfig`: the run's settings (steps, batch, lr, prediction type, precision, data), checked where they enter;
 - `ModelConfigs` / `model_configs`: the networks (U-Net, text encoder) and the noise schedule, from the CLI's strings;
-- `Denoiser`: the U-Net and the text encoder as the one module training updates; `autocast_dtype`: its precision.
+- `Denoiser`: the U-Net and the text encoder as the one module training updates, `check_parts_fit` that they fit
+  the space and the image size, and `autocast_dtype`: its precision.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from minildm.checkpoint import config_from_dict
+from minildm.pipeline import mismatches
+from minildm.pixel_space import PixelSpace
 from minildm.schedule import PREDICTION_TYPES, NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer
 from minildm.unet import UNet, UNetConfig
@@ -72,7 +75,8 @@ class ModelConfigs:
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
 
     def to_dict(self) -> dict:
-        return {"unet": asdict(self.unet), "text_encoder": asdict(self.text_encoder), "schedule": self.schedule.to_dict()}
+        return {"unet": asdict(self.unet), "text_encoder": asdict(self.text_encoder),
+                "schedule": self.schedule.to_dict()}
 
     def denoiser(self) -> "Denoiser":
         """The two networks these configs describe, with fresh random weights."""
@@ -100,7 +104,8 @@ def model_configs(space: str = "latent", channels: str | None = None, attention:
     block_out_channels = parse_ints(channels, "channels") or (32, 64)
     attends = parse_ints(attention, "attention") or (1,) * len(block_out_channels)
     if len(attends) != len(block_out_channels):
-        raise ValueError(f"--attention has {len(attends)} entries for {len(block_out_channels)} levels; give one 0/1 each")
+        raise ValueError(f"--attention has {len(attends)} entries for {len(block_out_channels)} levels; "
+                         "give one 0/1 each")
     latent_channels = 4 if space == "latent" else 3
     unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=block_out_channels,
                       attention_levels=tuple(bool(a) for a in attends), layers_per_block=layers_per_block,
@@ -122,6 +127,22 @@ class Denoiser(nn.Module):
 
     def forward(self, zt: Tensor, t: Tensor, ids: Tensor) -> Tensor:
         return self.unet(zt, t, self.text_encoder(ids))                   # (B, C, h, w)
+
+
+def check_parts_fit(autoencoder: nn.Module, denoiser: Denoiser, tokenizer: Tokenizer, schedule: NoiseSchedule,
+                    image_size: int) -> None:
+    """The parts must fit as any pipeline's must (pipeline.mismatches), and the images must halve as often as the
+    U-Net downsamples."""
+    space = "the pixel space" if isinstance(autoencoder, PixelSpace) else "the VAE"
+    problems = mismatches(autoencoder, denoiser.unet, denoiser.text_encoder, tokenizer, schedule, names={"vae": space})
+    if problems:
+        raise ValueError("the model settings do not fit: " + "; ".join(problems) + "; change --channels or --text-dim "
+                         "so they agree")
+    f = autoencoder.config.downsampling_factor
+    multiple = f * denoiser.unet.config.downsampling_factor
+    if image_size % multiple:
+        raise ValueError(f"--image-size {image_size} is not a multiple of {multiple} ({space} divides it by {f}, the "
+                         f"U-Net by {multiple // f} more); use a multiple of {multiple} or fewer U-Net levels")
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

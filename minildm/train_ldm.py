@@ -14,7 +14,8 @@ that step sit the things that make a run trustworthy:
   that never hold a NaN (training_guards.py), and Ctrl-C that saves a resumable checkpoint before it exits;
 - DistributedDataParallel under torchrun (distributed.py): each rank trains on its own shard; rank 0 alone writes.
 
-The settings and the networks are in ldm_recipe.py; this file is the loss, the loop and what it saves.
+The settings and the networks are in ldm_recipe.py, the export of a finished run in ldm_export.py; this file is
+the loss, the loop and its checkpoints.
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ from minildm.distributed import (
 )
 from minildm.ema import EMA
 from minildm.latent_cache import LATENT_CACHE, cache_identity, load_or_encode
-from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_dtype
-from minildm.pipeline import LatentDiffusion, mismatches, save_pipeline
+from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_dtype, check_parts_fit
+from minildm.pipeline import LatentDiffusion
 from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_vae_folder, vae_folder
 from minildm.schedule import NoiseSchedule
-from minildm.text import SPECIAL_TOKENS, Tokenizer
+from minildm.text import Tokenizer
 from minildm.train_vae import apply_learning_rate, step_generator
 from minildm.training_guards import (
     check_weights_finite,
@@ -108,7 +109,7 @@ class LDMTrainer:
         self.tokenizer = Tokenizer(max_length=self.models.text_encoder.max_length)
         self.empty_ids = self.tokenizer.encode("").ids                # (1, L): what a dropped caption becomes
         self.model = self.models.denoiser().to(self.device)
-        self.check_parts()
+        check_parts_fit(self.autoencoder, self.model, self.tokenizer, self.models.schedule, cfg.image_size)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
@@ -121,22 +122,6 @@ class LDMTrainer:
     def vae_path(self) -> Path:
         vae = self.cfg.vae
         return Path(vae) if Path(vae).is_dir() else vae_folder(vae)
-
-    def check_parts(self) -> None:
-        """The parts must fit as any pipeline's must (pipeline.mismatches), and the images must halve as often as the
-        U-Net downsamples."""
-        space = "the VAE" if self.cfg.space == "latent" else "the pixel space"
-        problems = mismatches(self.autoencoder, self.model.unet, self.model.text_encoder, self.tokenizer,
-                              self.models.schedule, names={"vae": space})
-        if problems:
-            raise ValueError("the model settings do not fit: " + "; ".join(problems) + "; change --channels or "
-                             "--text-dim so they agree")
-        f = self.autoencoder.config.downsampling_factor
-        multiple = f * self.models.unet.downsampling_factor
-        if self.cfg.image_size % multiple:
-            raise ValueError(f"--image-size {self.cfg.image_size} is not a multiple of {multiple} ({space} divides it "
-                             f"by {f}, the U-Net by {multiple // f} more); use a multiple of {multiple} or fewer "
-                             "U-Net levels")
 
     # ----------------------------------------------------------------------------------------------- data
 
@@ -311,10 +296,12 @@ class LDMTrainer:
         folder = self.out / CHECKPOINT
         trainer = json.loads((folder / TRAINER_NAME).read_text())
         saved, now = trainer["train_config"], asdict(self.cfg)
-        changed = {k for k in saved if k not in ("steps", "save_every", "sample_every", "log_every") and saved[k] != now.get(k)}
+        may_change = ("steps", "save_every", "sample_every", "log_every")
+        changed = {k for k in saved if k not in may_change and saved[k] != now.get(k)}
         if changed:
-            raise ValueError(f"{self.out}: was trained with different settings ({', '.join(sorted(changed))}); resume "
-                             "with the same options (only --steps and how often to save may change) or start a new --out")
+            raise ValueError(f"{self.out}: was trained with different settings ({', '.join(sorted(changed))}); "
+                             "resume with the same options (only --steps and how often to save may change) or start "
+                             "a new --out")
         if trainer.get("world_size", 1) != self.world_size:
             raise ValueError(f"{self.out} was trained on {trainer['world_size']} process(es), this is "
                              f"{self.world_size}; resume with the same --nproc_per_node (each rank's data is its own)")
@@ -344,26 +331,3 @@ class LDMTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, nrow=4).save(path)
         return path
-
-
-def export_pipeline(run_folder: str | Path, export_to: str | Path, notes: dict, guidance_scale: float = 7.5,
-                    steps: int = 50) -> Path:
-    """Write the run's EMA weights as a pipeline folder with a training record (training.json) and the sampling
-    defaults (guidance_scale, DDIM steps) pipeline.json will hold. A VAE folder beside the export (the shipped
-    assets/shapes64-vae next to assets/shapes64-ldm) is referenced; any other is copied in."""
-    folder, export_to = Path(run_folder) / CHECKPOINT, Path(export_to)
-    config = read_config(folder)
-    models = ModelConfigs.from_dict(config)
-    model = models.denoiser()
-    model.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    latent = config["space"] == "latent"
-    autoencoder = load_vae_folder(config["vae"], "cpu") if latent else PixelSpace(config["image_size"])
-    tokenizer = Tokenizer(words=config["tokenizer_words"][len(SPECIAL_TOKENS):], max_length=models.text_encoder.max_length)
-    pipe = LatentDiffusion(autoencoder, model.unet.eval(), model.text_encoder.eval(), tokenizer, models.schedule,
-                           device="cpu", guidance_scale=guidance_scale, steps=steps)
-    trainer = json.loads((folder / TRAINER_NAME).read_text())
-    record = {**notes, "train_config": trainer["train_config"], "history": trainer["history"]}
-    vae_dir = Path(config["vae"]).resolve() if latent else None
-    beside = vae_dir is not None and vae_dir.parent == export_to.resolve().parent
-    return save_pipeline(export_to, pipe, vae_folder_name=f"../{vae_dir.name}" if beside else None,
-                         extra_files={"training.json": record})

@@ -123,7 +123,9 @@ def folder_pixels(cfg: VAETrainConfig) -> torch.Tensor:
 def is_held_out(count: int) -> torch.Tensor:
     """Which of `count` folder images are held out: every 10th, once there are at least 20 (else none)."""
     index = torch.arange(count)
-    return (index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1) if count >= 2 * HOLD_OUT_EVERY else torch.zeros(count, dtype=torch.bool)
+    if count < 2 * HOLD_OUT_EVERY:
+        return torch.zeros(count, dtype=torch.bool)
+    return index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 
 
 def training_pixels(cfg: VAETrainConfig) -> torch.Tensor:
@@ -210,7 +212,8 @@ class VAETrainer:
         self.disc = self.disc_opt = None
         if cfg.gan:
             if cfg.image_size < 32:
-                raise ValueError(f"--gan needs images of at least 32x32 (the PatchGAN's 5 convs shrink them), got {cfg.image_size}")
+                raise ValueError(f"--gan needs images of at least 32x32 (the PatchGAN's 5 convs shrink them), got "
+                                 f"{cfg.image_size}")
             self.disc = PatchDiscriminator(self.vae.config.out_channels).to(self.device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
         if resume:
@@ -328,7 +331,8 @@ class VAETrainer:
             )
         self.vae.config = AutoencoderConfig.from_dict(read_config(self.out))
         load_weights_into(self.vae, self.out)
-        optimizer_from_tensors(self.opt, load_file(str(self.out / "optimizer.safetensors")), trainer["optimizer_groups"])
+        optimizer_from_tensors(self.opt, load_file(str(self.out / "optimizer.safetensors")),
+                               trainer["optimizer_groups"])
         if self.disc is not None:
             self.disc.load_state_dict(load_file(str(self.out / "discriminator.safetensors")))
             optimizer_from_tensors(self.disc_opt, load_file(str(self.out / "disc_optimizer.safetensors")),
@@ -355,4 +359,5 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
     return write_folder_atomically(export_to, files)
 
 
-__all__ = ["VAETrainConfig", "VAETrainer", "apply_learning_rate", "encode_moments", "export_model", "learning_rate", "step_generator"]
+__all__ = ["VAETrainConfig", "VAETrainer", "apply_learning_rate", "encode_moments", "export_model", "learning_rate",
+           "step_generator"]

@@ -2,8 +2,8 @@
 
 - starting: a save that a crash cut between its two renames is finished first (checkpoint.recover_interrupted_save),
   and only then is it decided whether there is a checkpoint; `--resume` without one is an error;
-- saving: weights with a NaN or inf are never written over a good checkpoint, even when every loss was finite
-  (an inf gradient on a finite loss is enough to spoil them);
+- stepping and saving: a non-finite gradient on a finite loss (enough to spoil every weight it touches) is named
+  as such, and weights with a NaN or inf are never written over a good checkpoint;
 - stepping: an update too large for float32 (an absurd --lr) stops with the same FloatingPointError as a
   non-finite loss, not with torch's RuntimeError.
 Each message says what happened, at which step, what became of the checkpoint, and what to try.

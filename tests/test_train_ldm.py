@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minildm.ema import EMA
-from minildm.ldm_recipe import LDMTrainConfig, autocast_dtype, model_configs
-from minildm.schedule import NoiseSchedule
 from minildm.latent_cache import LATENT_CACHE
+from minildm.ldm_export import export_pipeline
+from minildm.ldm_recipe import LDMTrainConfig, autocast_dtype, model_configs
 from minildm.pretrained import vae_folder
-from minildm.train_ldm import CHECKPOINT, LDMTrainer, diffusion_loss, export_pipeline
+from minildm.schedule import NoiseSchedule
+from minildm.train_ldm import CHECKPOINT, LDMTrainer, diffusion_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -336,7 +337,8 @@ def test_torchrun_with_two_cpu_processes_keeps_replicas_identical_and_lowers_the
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "minildm", "train-ldm", "--out", str(out), "--steps", "40", "--batch-size", "8",
-               "--num-images", "64", "--warmup-steps", "5", "--save-every", "20", "--sample-every", "0", "--log-every", "1",
+               "--num-images", "64", "--warmup-steps", "5", "--save-every", "20", "--sample-every", "0",
+               "--log-every", "1",
                "--channels", "16,32", "--norm-groups", "8", "--heads", "2", "--text-dim", "32", "--text-depth", "1",
                "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
