@@ -28,8 +28,8 @@ def has_checkpoint(folder: Path, resume: bool, marker: str) -> bool:
         pass                                # another rank restored it a moment earlier
     found = (folder / marker).is_file()
     if resume and not found:
-        raise FileNotFoundError(f"--resume: {folder} holds no checkpoint ({marker} is missing), so there is nothing "
-                                "to resume; drop --resume to start a new run, or give the --out of the run to continue")
+        raise FileNotFoundError(f"--resume: nothing to resume ({folder / marker} does not exist); drop --resume to "
+                                "start a new run, or give the --out of the run to continue")
     return found
 
 
