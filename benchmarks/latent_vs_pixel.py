@@ -1,7 +1,7 @@
 """Latent vs pixel diffusion, measured (chapter 06): the same U-Net recipe on the VAE's 4x8x8 latents and on the
 3x64x64 pixels, 48x more values. What does the smaller space save, per training step and per generated image?
 
-The rows, each one Denoiser (U-Net + text encoder) built by `train_ldm.model_configs`:
+The rows, each one Denoiser (U-Net + text encoder) built by `ldm_recipe.model_configs`:
 
 - latent: the shipped LDM's recipe, `model_configs("latent")`: levels of (32, 64) channels, attention at both
   (8x8 and 4x4 tokens), 4 channels in and out.
@@ -87,15 +87,8 @@ from minildm.pipeline import LatentDiffusion
 from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_judge, load_vae
 from minildm.text import Tokenizer
-from minildm.train_ldm import (
-    Denoiser,
-    LDMTrainConfig,
-    LDMTrainer,
-    ModelConfigs,
-    autocast_dtype,
-    diffusion_loss,
-    model_configs,
-)
+from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_dtype, model_configs
+from minildm.train_ldm import LDMTrainer, diffusion_loss
 
 IMAGE_SIZE = 64
 TARGET_RATIO = 25                      # pixel / latent, per training step and per image
@@ -408,6 +401,7 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
                              save_every=10**9, warmup_steps=max(1, PILOT_STEPS + 1))
         started = time.perf_counter()
         trainers[name] = LDMTrainer(cfg, folder, models, progress=False, device=device)
+        trainers[name].prepare()                                        # render, encode and cache the data
         prep_s[name] = time.perf_counter() - started
         spent[name], losses[name] = [], []
         print(f"  {name}: data ready in {prep_s[name]:.1f} s (not counted)", file=sys.stderr, flush=True)
@@ -415,7 +409,7 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
         for _ in range(PILOT_STEPS):
             step_s, record = seconds(trainer.train_step, device)
             spent[name].append(step_s)
-            losses[name].append(record["loss"])
+            losses[name].append(float(record["loss"]))
         sized_schedule(trainer, args.quality, spent[name])
     while any(sum(spent[name]) < args.quality and trainer.step < trainer.cfg.steps
               for name, trainer in trainers.items()):
@@ -424,7 +418,7 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
             while sum(spent[name]) < turn_end and trainer.step < trainer.cfg.steps:
                 step_s, record = seconds(trainer.train_step, device)
                 spent[name].append(step_s)
-                losses[name].append(record["loss"])
+                losses[name].append(float(record["loss"]))
         print(f"    {', '.join(f'{n}: step {t.step}' for n, t in trainers.items())}", file=sys.stderr, flush=True)
     judge = load_judge("shapes64", device)
     results = []
@@ -441,7 +435,7 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
                "sample_s": sample_s, "eval_images": quality["count"], "prompt_following": quality["prompt_following"],
                "frechet": quality["frechet"], "frechet_real": quality["frechet_real"]}
         if keep:
-            from minildm.train_ldm import export_pipeline
+            from minildm.ldm_export import export_pipeline
             trainer.save({"steps": trainer.step, "train_seconds": row["train_s"]})
             target = root / f"{trainer.out.name}-pipeline"
             export_pipeline(trainer.out, target, {"made_by": "benchmarks/latent_vs_pixel.py --quality",

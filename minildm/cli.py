@@ -276,7 +276,9 @@ def cmd_train_vae(args) -> int:
 def cmd_train_ldm(args) -> int:
     import torch
 
-    from minildm.train_ldm import LDMTrainConfig, LDMTrainer, export_pipeline, model_configs
+    from minildm.ldm_export import export_pipeline
+    from minildm.ldm_recipe import LDMTrainConfig, model_configs
+    from minildm.train_ldm import LDMTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -284,7 +286,7 @@ def cmd_train_ldm(args) -> int:
     cfg = LDMTrainConfig(**values)
     models = model_configs(cfg.space, channels=args.channels, attention=args.attention, heads=args.heads,
                            layers_per_block=args.layers_per_block, text_dim=args.text_dim, text_depth=args.text_depth,
-                           norm_num_groups=args.norm_num_groups, prediction_type=cfg.prediction_type)
+                           norm_num_groups=args.norm_num_groups)
     start = time.time()
     trainer = LDMTrainer(cfg, args.out, models, resume=args.resume, device=args.device)
     summary = trainer.run(stop_after=args.stop_after)

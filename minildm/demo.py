@@ -202,7 +202,9 @@ def diffusion_figures(out: Path, pipe: LatentDiffusion, seed: int) -> list[tuple
 def train_pipeline(out: Path, device=None) -> Path:
     """--train: the diffusion model from scratch into out/train-run (resumed if it is there), exported to
     out/pipeline. The VAE is not retrained: training encodes Shapes with the shipped one."""
-    from minildm.train_ldm import LDMTrainConfig, LDMTrainer, export_pipeline, model_configs
+    from minildm.ldm_export import export_pipeline
+    from minildm.ldm_recipe import LDMTrainConfig, model_configs
+    from minildm.train_ldm import LDMTrainer
 
     cfg = LDMTrainConfig(**TRAIN_CONFIG)
     run = out / "train-run"

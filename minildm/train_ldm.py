@@ -4,25 +4,25 @@ One step of training is chapter 03's forward process run backwards as a regressi
 latent z_0, a uniform timestep t and fresh noise eps, build z_t in one jump, and ask the U-Net for eps back. Around
 that step sit the things that make a run trustworthy:
 
-- the VAE runs once, before training: every image's posterior (mean, logvar) is cached, and each step draws a fresh
-  latent from it (the encoder is frozen, so running it again every step would redo the same work);
+- the VAE runs once, before training: every image's posterior (mean, logvar) is cached (latent_cache.py), and each
+  step draws a fresh latent from it (the encoder is frozen, so running it again every step would redo the same work);
 - caption dropout: a share of captions is replaced by the empty prompt, so one network learns both eps(z_t, c) and
   eps(z_t, "") — the pair classifier-free guidance needs at sampling time (Ho & Salimans 2022);
-- an exponential moving average (EMA) of the weights, which is what we sample from;
-- AdamW with a linear warm-up and a cosine decay, mixed precision where the device has it;
-- exact resume (every random draw of step s comes from a generator seeded by (seed, rank, s)), atomic checkpoints,
-  a stop on the first non-finite loss, and Ctrl-C that saves a resumable checkpoint before it exits;
-- DistributedDataParallel under torchrun: each rank trains on its own shard; rank 0 alone writes.
+- an exponential moving average (EMA, ema.py) of the weights, which is what we sample from;
+- AdamW with a linear warm-up and a cosine decay, mixed precision where the device has it (ldm_recipe.py);
+- exact resume (every random draw of step s comes from a generator seeded by (seed, rank, s)), atomic checkpoints
+  that never hold a NaN (training_guards.py), and Ctrl-C that saves a resumable checkpoint before it exits;
+- DistributedDataParallel under torchrun (distributed.py): each rank trains on its own shard; rank 0 alone writes.
+
+The settings and the networks are in ldm_recipe.py, the export of a finished run in ldm_export.py; this file is
+the loss, the loop and its checkpoints.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -33,115 +33,36 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minildm.autoencoder import DiagonalGaussian
-from minildm.checkpoint import (
-    config_from_dict,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    read_config,
-    save_file_atomically,
-    write_folder_atomically,
-)
+from minildm.checkpoint import optimizer_from_tensors, optimizer_to_tensors, read_config, write_folder_atomically
 from minildm.data import ShapesDataset, to_tensor_batch
-from minildm.device import get_device
+from minildm.distributed import (
+    StopRequested,
+    join_process_group,
+    process_placement,
+    replicas_identical,
+    stop_agreed,
+)
+from minildm.ema import EMA
+from minildm.latent_cache import LATENT_CACHE, cache_identity, load_or_encode
+from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_dtype, check_parts_fit
+from minildm.pipeline import LatentDiffusion
 from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_vae_folder, vae_folder
 from minildm.schedule import NoiseSchedule
-from minildm.text import SPECIAL_TOKENS, TextEncoder, TextEncoderConfig, Tokenizer
-from minildm.train_vae import apply_learning_rate, encode_moments, step_generator
-from minildm.unet import UNet, UNetConfig
+from minildm.text import Tokenizer
+from minildm.train_vae import apply_learning_rate, step_generator
+from minildm.training_guards import (
+    check_weights_finite,
+    has_checkpoint,
+    kept_checkpoint,
+    non_finite_loss,
+    optimizer_step,
+)
 
 CHECKPOINT = "checkpoint"            # the atomic folder inside --out that --resume reads
-LATENT_CACHE = "latents.safetensors"
+TRAINER_NAME = "trainer.json"
 SAMPLE_PROMPTS = ("a large red circle in the centre", "a small blue square at the top left",
                   "a medium green triangle at the bottom right", "a large yellow diamond at the left")
-
-
-@dataclass
-class LDMTrainConfig:
-    steps: int = 4000
-    batch_size: int = 128                # per rank
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    min_lr_fraction: float = 0.05        # cosine decay to 5% of lr (train.learning_rate)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    prediction_type: str = "epsilon"     # what the U-Net learns to predict: epsilon, sample (z_0) or v_prediction
-    caption_dropout: float = 0.1         # share of captions replaced by "" (for classifier-free guidance)
-    ema_decay: float = 0.999
-    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (autocast; auto: bf16/fp16 on CUDA, fp32 else)
-    space: str = "latent"                # latent: diffuse the VAE's 4x8x8 latents; pixel: the 3x64x64 images
-    vae: str = "shapes64"                # a shipped VAE name or a VAE folder
-    seed: int = 0
-    data_seed: int = 0
-    num_train_images: int = 20_000
-    image_size: int = 64
-    save_every: int = 500
-    sample_every: int = 1000             # write a sample grid every this many steps (0: never)
-    log_every: int = 25
-
-
-@dataclass
-class ModelConfigs:
-    """The two networks training builds: the U-Net and the text encoder it reads, plus the noise schedule."""
-
-    unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        block_out_channels=(32, 64), attention_levels=(True, True), layers_per_block=1, heads=4, context_dim=64,
-        norm_num_groups=8))
-    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(
-        vocab_size=Tokenizer().vocab_size, dim=64, depth=2, heads=4))
-    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
-
-    def to_dict(self) -> dict:
-        return {"unet": asdict(self.unet), "text_encoder": asdict(self.text_encoder), "schedule": self.schedule.to_dict()}
-
-    def denoiser(self) -> "Denoiser":
-        """The two networks these configs describe, with fresh random weights."""
-        return Denoiser(UNet(self.unet), TextEncoder(self.text_encoder))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfigs":
-        return cls(config_from_dict(UNetConfig, d["unet"]), TextEncoderConfig.from_dict(d["text_encoder"]),
-                   config_from_dict(NoiseSchedule, d["schedule"]))
-
-
-def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"--{name} takes comma-separated integers like 64,128; got {text!r}") from None
-
-
-def model_configs(space: str = "latent", channels: str | None = None, attention: str | None = None, heads: int = 4,
-                  layers_per_block: int = 1, text_dim: int = 64, text_depth: int = 2, norm_num_groups: int = 8,
-                  prediction_type: str = "epsilon") -> ModelConfigs:
-    """The networks for `space`: 4 channels in and out for latents, 3 for pixels; the rest is one recipe."""
-    block_out_channels = parse_ints(channels, "channels") or (32, 64)
-    attends = parse_ints(attention, "attention") or (1,) * len(block_out_channels)
-    if len(attends) != len(block_out_channels):
-        raise ValueError(f"--attention has {len(attends)} entries for {len(block_out_channels)} levels; give one 0/1 each")
-    latent_channels = 4 if space == "latent" else 3
-    unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=block_out_channels,
-                      attention_levels=tuple(bool(a) for a in attends), layers_per_block=layers_per_block,
-                      heads=heads, context_dim=text_dim, norm_num_groups=norm_num_groups)
-    text = TextEncoderConfig(vocab_size=Tokenizer().vocab_size, dim=text_dim, depth=text_depth, heads=heads)
-    return ModelConfigs(unet, text, NoiseSchedule(prediction_type=prediction_type))
-
-
-class Denoiser(nn.Module):
-    """The U-Net and the text encoder as one module: what training updates, what the EMA follows, what DDP wraps.
-
-    The text encoder is trained together with the U-Net, from scratch, as in the LDM paper's text-to-image model
-    (Rombach et al. 2022); SD v1 instead froze a pretrained CLIP text encoder.
-    """
-
-    def __init__(self, unet: UNet, text_encoder: TextEncoder):
-        super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-
-    def forward(self, zt: Tensor, t: Tensor, ids: Tensor) -> Tensor:
-        return self.unet(zt, t, self.text_encoder(ids))                   # (B, C, h, w)
 
 
 def diffusion_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: Tensor, noise: Tensor,
@@ -161,185 +82,74 @@ def diffusion_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: 
     # END SOLUTION
 
 
-class EMA:
-    """theta_ema <- d theta_ema + (1 - d) theta after every step, with d = min(decay, (1 + n) / (10 + n)).
-
-    The ramp (from Keras / the LDM code) lets the average forget the random initial weights quickly; later the
-    average over the last ~1 / (1 - decay) steps smooths out the noise of single SGD steps.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for name, value in model.state_dict().items():
-            # theta_ema = d theta_ema + (1 - d) theta
-            self.shadow[name].lerp_(value.detach().float(), 1 - d)
-
-    def copy_to(self, model: nn.Module) -> nn.Module:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
-        return model
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for `precision`, or None for plain float32. auto: bfloat16 on CUDA GPUs that have it
-    (same range as float32, no loss scaling), float16 on older GPUs; float32 on the CPU and MPS, where half-precision
-    training is slower or less complete."""
-    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision not in choices:
-        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
-    return choices[precision]
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-
-def distributed_context(device_name: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL with one GPU
-    per rank on CUDA, gloo on the CPU. Run alone, it is (0, 1, the chosen device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, get_device(device_name)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = get_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def replicas_identical(model: nn.Module) -> bool:
-    """Do all ranks hold the same weights? DDP keeps them equal by averaging gradients; this checks it (a desync
-    would mean ranks trained different models). One all-reduce of a float64 checksum: max == min."""
-    if not dist.is_initialized():
-        return True
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    low, high = checksum.clone(), checksum.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    return bool(low == high)
-
-
-# ------------------------------------------------------------------------------------------------ the trainer
-
-class StopRequested:
-    """Ctrl-C sets a flag; the loop finishes the current step, saves a checkpoint and stops (a second Ctrl-C stops
-    at once). Stopping between steps, never inside optimizer.step(), is what keeps the checkpoint resumable."""
-
-    def __init__(self):
-        self.requested, self.previous = False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():     # only the main thread may set handlers
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 class LDMTrainer:
-    """Holds the denoiser, its EMA, the optimizer and the step; `run()` trains to cfg.steps, saving as it goes."""
+    """Holds the denoiser, its EMA, the optimizer and the step; `run()` trains to cfg.steps, saving as it goes.
+
+    Building one reads the checkpoint (with resume) and makes the networks, nothing more: joining the other ranks and
+    encoding the data wait for `prepare()`, which `run()` and `train_step()` call."""
 
     def __init__(self, cfg: LDMTrainConfig, out: str | Path, models: ModelConfigs | None = None,
                  resume: bool = False, progress: bool = True, device: str | torch.device | None = None):
-        if cfg.space not in ("latent", "pixel"):
-            raise ValueError(f"unknown space {cfg.space!r}; choose latent (the VAE's latents) or pixel (the images)")
-        if not 0 <= cfg.caption_dropout < 1:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {cfg.caption_dropout}; 0.1 is usual")
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.rank, self.world_size, self.device = distributed_context(device)
+        self.rank, self.world_size, self.device = process_placement(device)
         self.autocast = autocast_dtype(self.device, cfg.precision)
+        has_checkpoint(self.out / CHECKPOINT, resume, TRAINER_NAME)
         if (self.out / CHECKPOINT).exists() and not resume:
             raise FileExistsError(f"{self.out} already holds a training run; pass --resume to continue it, or "
                                   "choose another --out")
-        if resume and not (self.out / CHECKPOINT).exists():
-            raise FileNotFoundError(f"{self.out / CHECKPOINT} does not exist: there is nothing to resume; drop "
-                                    "--resume to start a new run there")
-        self.step, self.history, self.train_seconds = 0, [], 0.0
+        self.step, self.history, self.train_seconds, self.saved_step = 0, [], 0.0, None
         if resume:
             models = ModelConfigs.from_dict(read_config(self.out / CHECKPOINT))
-        self.models = models or ModelConfigs()
-        self.models.schedule.prediction_type = cfg.prediction_type
+        models = models or ModelConfigs()
+        # the train config says what the U-Net predicts; the schedule saved with the model follows it
+        self.models = replace(models, schedule=replace(models.schedule, prediction_type=cfg.prediction_type))
         self.autoencoder = (load_vae_folder(self.vae_path(), self.device) if cfg.space == "latent"
                             else PixelSpace(cfg.image_size))
-        self.check_shapes()
         torch.manual_seed(cfg.seed)            # the initial weights: the same on every rank
         self.tokenizer = Tokenizer(max_length=self.models.text_encoder.max_length)
         self.empty_ids = self.tokenizer.encode("").ids                # (1, L): what a dropped caption becomes
         self.model = self.models.denoiser().to(self.device)
+        check_parts_fit(self.autoencoder, self.model, self.tokenizer, self.models.schedule, cfg.image_size)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         if resume:
             self.load()
-        self.trained = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if
-                                                             self.device.type == "cuda" else None)
-                        if self.world_size > 1 else self.model)
-        self.ids, self.z_source = self.prepare_data()
+        self.trained: nn.Module = self.model      # DDP's wrapper once prepare() has joined the process group
+        self.ids = self.z_source = None           # the data, once prepare() has loaded it
+        self.unread: list[Tensor] = []            # (loss, grad norm) of each step since the last record, on the device
 
     def vae_path(self) -> Path:
         vae = self.cfg.vae
         return Path(vae) if Path(vae).is_dir() else vae_folder(vae)
 
-    def check_shapes(self) -> None:
-        c = self.autoencoder.config
-        side = self.cfg.image_size // c.downsampling_factor
-        unet = self.models.unet
-        if unet.in_channels != c.latent_channels or unet.out_channels != c.latent_channels:
-            raise ValueError(f"the U-Net takes {unet.in_channels} channels but the {self.cfg.space} space has "
-                             f"{c.latent_channels}; set in_channels = out_channels = {c.latent_channels}")
-        if side % unet.downsampling_factor:
-            raise ValueError(f"the {side}x{side} {self.cfg.space}s do not halve {len(unet.block_out_channels) - 1} times; "
-                             "use fewer U-Net levels or a larger --image-size")
-        if unet.context_dim != self.models.text_encoder.dim:
-            raise ValueError(f"the U-Net reads context_dim={unet.context_dim} but the text encoder gives "
-                             f"{self.models.text_encoder.dim}; make them equal")
-
     # ----------------------------------------------------------------------------------------------- data
+
+    def prepare(self) -> None:
+        """Join the other ranks (under torchrun) and load the data: token ids of every caption (N, L), and what z_0 is
+        drawn from: the cached posterior moments (N, 2C, h, w) in latent space, the uint8 pixels (N, H, W, 3) in
+        pixel space. Done once; later calls return at once."""
+        if self.ids is not None:
+            return
+        if self.world_size > 1:
+            join_process_group(self.device)
+            self.trained = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        cfg = self.cfg
+        data = ShapesDataset(cfg.num_train_images, seed=cfg.data_seed, image_size=cfg.image_size)
+        pixels = torch.from_numpy(data.pixels())                                    # (N, H, W, 3) uint8
+        if cfg.space == "latent":
+            identity = cache_identity(self.autoencoder, cfg.num_train_images, cfg.data_seed, cfg.image_size)
+            moments = load_or_encode(self.out / LATENT_CACHE, self.autoencoder, pixels, identity, self.rank,
+                                     self.world_size)
+            self.z_source = moments.to(self.device)                                 # (N, 2C, h, w)
+        else:
+            self.z_source = pixels
+        self.ids = self.tokenizer.encode(data.captions()).ids                       # (N, L)
 
     def shard(self) -> Tensor:
         """This rank's share of the training set: items rank, rank + W, rank + 2W, ... (DistributedSampler's split)."""
         return torch.arange(self.cfg.num_train_images)[self.rank::self.world_size]
-
-    def prepare_data(self) -> tuple[Tensor, Tensor]:
-        """Token ids of every caption (N, L), and what z_0 is drawn from: the cached posterior moments (N, 2C, h, w)
-        in latent space, the uint8 pixels (N, H, W, 3) in pixel space."""
-        cfg = self.cfg
-        data = ShapesDataset(cfg.num_train_images, seed=cfg.data_seed, image_size=cfg.image_size)
-        ids = self.tokenizer.encode(data.captions()).ids                          # (N, L)
-        pixels = torch.from_numpy(data.pixels())                                    # (N, H, W, 3) uint8
-        if cfg.space == "pixel":
-            return ids, pixels
-        return ids, self.latent_cache(pixels)
-
-    def latent_cache(self, pixels: Tensor) -> Tensor:
-        """Encode every training image once; reuse the file on resume. Rank 0 writes it, the others wait and read."""
-        path = self.out / LATENT_CACHE
-        if self.rank == 0 and not path.exists():
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_file_atomically({"moments": encode_moments(self.autoencoder, pixels)}, path,
-                                 metadata={"vae": str(self.vae_path()), "data_seed": str(self.cfg.data_seed)})
-        if self.world_size > 1:
-            dist.barrier()
-        moments = load_file(str(path))["moments"]
-        if len(moments) != self.cfg.num_train_images:
-            raise ValueError(f"{path} holds {len(moments)} latents but the run uses {self.cfg.num_train_images} "
-                             "images; delete it to re-encode, or use the run's --num-images")
-        return moments.to(self.device)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Step `step`'s z_0, ids (after caption dropout), t and eps: a pure function of (seed, rank, step)."""
@@ -364,44 +174,40 @@ class LDMTrainer:
     # ----------------------------------------------------------------------------------------------- training
 
     def train_step(self) -> dict:
+        """One optimizer step. The loss and the gradient norm stay on the device: reading them would make the CPU wait
+        for the GPU every step; run() reads them together when it records them."""
+        self.prepare()
         cfg, step = self.cfg, self.step
         lr = apply_learning_rate(self.opt, cfg, step)
         self.model.train()
         z0, ids, t, noise = self.batch(step)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             loss = diffusion_loss(self.trained, self.models.schedule, z0, t, noise, ids)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step}; training stopped, the last good checkpoint in "
-                f"{self.out / CHECKPOINT} is kept. Lower --lr, or use --precision fp32")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.opt)
+        optimizer_step(lambda: self.scaler.step(self.opt), lr, step, self.kept())
         self.scaler.update()
         self.ema.update(self.model, step)
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"step": self.step, "loss": loss.detach(), "lr": lr, "grad_norm": grad_norm.detach()}
 
     def run(self, stop_after: int | None = None) -> dict:
         """Train to cfg.steps, or for at most `stop_after` steps now (resume later). Ctrl-C saves and stops."""
+        self.prepare()
         cfg = self.cfg
         start_time, start_step = time.time(), self.step
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0,
                    desc=f"train-ldm ({cfg.space})", dynamic_ncols=True)
-        window: list[float] = []
         with StopRequested() as stop:
-            while self.step < end and not self.stop_agreed(stop):
+            while self.step < end and not stop_agreed(stop, self.world_size, self.device):
                 record = self.train_step()
-                window.append(record["loss"])
+                self.unread.append(torch.stack([record["loss"], record["grad_norm"]]))    # no wait for the device
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    record["loss"] = sum(window) / len(window)        # the mean since the last record: a smoother curve
-                    record["seconds"] = round(self.train_seconds + time.time() - start_time, 2)
-                    self.history.append(record)
-                    window = []
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}")
+                    self.record(record, self.train_seconds + time.time() - start_time)
+                    bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}", lr=f"{record['lr']:.1e}")
                 bar.update(1)
                 if self.step % cfg.save_every == 0 and self.step < end:
                     self.train_seconds += time.time() - start_time
@@ -423,18 +229,55 @@ class LDMTrainer:
         self.save(summary)
         return summary
 
-    def stop_agreed(self, stop: StopRequested) -> bool:
-        """Stop when any rank was asked to (every rank must leave the loop at the same step, or DDP would hang)."""
-        flag = torch.tensor([float(stop.requested)], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def record(self, last: dict, seconds: float) -> None:
+        """Add the mean loss since the last record to the history (a smoother curve than single steps)."""
+        losses = self.read_steps()[:, 0]
+        self.history.append({"step": self.step, "loss": float(losses.double().mean()), "lr": last["lr"],
+                             "grad_norm": float(last["grad_norm"]), "seconds": round(seconds, 2)})
+        self.unread = []
+
+    def read_steps(self) -> Tensor:
+        """(loss, grad norm) of each step since the last record, read from the device in one go. The first non-finite
+        one stops training and names its step; this runs at every record and before every save, so a bad step is
+        never saved."""
+        steps = torch.stack(self.unread).float().cpu() if self.unread else torch.zeros(0, 2)    # (n, 2)
+        first = self.step - len(steps)
+        bad_loss = (~torch.isfinite(steps[:, 0])).nonzero().flatten().tolist()
+        # under fp16 an inf gradient is routine: the GradScaler skips that step and lowers its scale
+        bad_grad = [] if self.scaler.is_enabled() else (~torch.isfinite(steps[:, 1])).nonzero().flatten().tolist()
+        if bad_grad and (not bad_loss or bad_grad[0] < bad_loss[0]):
+            raise FloatingPointError(f"a gradient became {float(steps[bad_grad[0], 1])} at step {first + bad_grad[0]} "
+                                     f"although its loss was finite; training stopped and {self.kept()}. "
+                                     f"{self.overflow_hint()}")
+        if bad_loss:
+            step = first + bad_loss[0]
+            raise non_finite_loss(float(steps[bad_loss[0], 0]), step, self.kept(), self.loss_cause(step))
+        return steps
+
+    def loss_cause(self, step: int) -> str:
+        """What to try after a non-finite loss. The step's batch is a pure function of the step: look at it again."""
+        if not torch.isfinite(self.batch(step)[0]).all():
+            where = f"the latent cache {self.out / LATENT_CACHE}" if self.cfg.space == "latent" else "the images"
+            return f"That step's z_0 holds NaN or inf: check the data and {where}"
+        return "Lower --lr" + (", or use --precision fp32" if self.autocast is not None else "")
+
+    def overflow_hint(self) -> str:
+        """What to try when numbers overflowed on a finite loss (the lr is not to blame for that)."""
+        return "Try --precision fp32" if self.autocast is not None else "Check the training data for extreme values"
+
+    def kept(self) -> str:
+        return kept_checkpoint(self.out / CHECKPOINT, self.saved_step)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
     def save(self, summary: dict | None = None) -> None:
-        """Rank 0 writes the checkpoint folder atomically: an interrupted save keeps the previous one."""
+        """Rank 0 writes the checkpoint folder atomically: an interrupted save keeps the previous one. Every loss and
+        every weight is checked first: a NaN never replaces a good checkpoint."""
+        self.read_steps()
         if self.rank == 0:
+            weights = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in self.ema.shadow.items()}}
+            check_weights_finite(weights, self.step, self.kept(), self.overflow_hint())
             opt_tensors, opt_groups = optimizer_to_tensors(self.opt)
             trainer = {"step": self.step, "train_seconds": self.train_seconds, "train_config": asdict(self.cfg),
                        "optimizer_groups": opt_groups, "scaler": self.scaler.state_dict(),
@@ -443,19 +286,22 @@ class LDMTrainer:
                                      "vae": str(self.vae_path()) if self.cfg.space == "latent" else None,
                                      "image_size": self.cfg.image_size, "tokenizer_words": self.tokenizer.words},
                      "model.safetensors": self.model.state_dict(), "ema.safetensors": self.ema.shadow,
-                     "optimizer.safetensors": opt_tensors, "trainer.json": trainer}
+                     "optimizer.safetensors": opt_tensors, TRAINER_NAME: trainer}
             write_folder_atomically(self.out / CHECKPOINT, files, kind="ldm-training-checkpoint", keep_old=False)
+        self.saved_step = self.step
         if self.world_size > 1:
             dist.barrier()
 
     def load(self) -> None:
         folder = self.out / CHECKPOINT
-        trainer = json.loads((folder / "trainer.json").read_text())
+        trainer = json.loads((folder / TRAINER_NAME).read_text())
         saved, now = trainer["train_config"], asdict(self.cfg)
-        changed = {k for k in saved if k not in ("steps", "save_every", "sample_every", "log_every") and saved[k] != now.get(k)}
+        may_change = ("steps", "save_every", "sample_every", "log_every")
+        changed = {k for k in saved if k not in may_change and saved[k] != now.get(k)}
         if changed:
-            raise ValueError(f"{self.out}: was trained with different settings ({', '.join(sorted(changed))}); resume "
-                             "with the same options (only --steps and how often to save may change) or start a new --out")
+            raise ValueError(f"{self.out}: was trained with different settings ({', '.join(sorted(changed))}); "
+                             "resume with the same options (only --steps and how often to save may change) or start "
+                             "a new --out")
         if trainer.get("world_size", 1) != self.world_size:
             raise ValueError(f"{self.out} was trained on {trainer['world_size']} process(es), this is "
                              f"{self.world_size}; resume with the same --nproc_per_node (each rank's data is its own)")
@@ -464,6 +310,7 @@ class LDMTrainer:
         optimizer_from_tensors(self.opt, load_file(str(folder / "optimizer.safetensors")), trainer["optimizer_groups"])
         self.scaler.load_state_dict(trainer["scaler"])
         self.step, self.history, self.train_seconds = trainer["step"], trainer["history"], trainer["train_seconds"]
+        self.saved_step = self.step
 
     # ------------------------------------------------------------------------------------ what it learned
 
@@ -473,7 +320,6 @@ class LDMTrainer:
 
     def write_sample_grid(self) -> Path:
         """A grid of SAMPLE_PROMPTS (rows) x 4 seeds, from the EMA weights, in --out/samples/."""
-        from minildm.pipeline import LatentDiffusion
         from minildm.viz import image_grid
 
         ema = self.ema_denoiser()
@@ -485,28 +331,3 @@ class LDMTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, nrow=4).save(path)
         return path
-
-
-def export_pipeline(run_folder: str | Path, export_to: str | Path, notes: dict, guidance_scale: float = 7.5,
-                    steps: int = 50) -> Path:
-    """Write the run's EMA weights as a pipeline folder with a training record (training.json) and the sampling
-    defaults (guidance_scale, DDIM steps) pipeline.json will hold. A VAE folder beside the export (the shipped
-    assets/shapes64-vae next to assets/shapes64-ldm) is referenced; any other is copied in."""
-    from minildm.pipeline import LatentDiffusion, save_pipeline
-
-    folder, export_to = Path(run_folder) / CHECKPOINT, Path(export_to)
-    config = read_config(folder)
-    models = ModelConfigs.from_dict(config)
-    model = models.denoiser()
-    model.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    latent = config["space"] == "latent"
-    autoencoder = load_vae_folder(config["vae"], "cpu") if latent else PixelSpace(config["image_size"])
-    tokenizer = Tokenizer(words=config["tokenizer_words"][len(SPECIAL_TOKENS):], max_length=models.text_encoder.max_length)
-    pipe = LatentDiffusion(autoencoder, model.unet.eval(), model.text_encoder.eval(), tokenizer, models.schedule,
-                           device="cpu", guidance_scale=guidance_scale, steps=steps)
-    trainer = json.loads((folder / "trainer.json").read_text())
-    record = {**notes, "train_config": trainer["train_config"], "history": trainer["history"]}
-    vae_dir = Path(config["vae"]).resolve() if latent else None
-    beside = vae_dir is not None and vae_dir.parent == export_to.resolve().parent
-    return save_pipeline(export_to, pipe, vae_folder_name=f"../{vae_dir.name}" if beside else None,
-                         extra_files={"training.json": record})

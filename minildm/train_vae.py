@@ -7,7 +7,8 @@ trustworthy rather than merely working:
   (seed, s), and the Adam moments are saved, so stopping at step 300 and resuming gives the same weights as never
   stopping;
 - atomic checkpoints (see checkpoint.py): an interrupted save keeps the last good folder;
-- a non-finite loss stops training at once, naming the step, and leaves the last good checkpoint in place.
+- a non-finite loss stops training at once, naming the step, and weights with a NaN or inf are never saved
+  (training_guards.py, shared with the diffusion trainer).
 
 At the end the latent scale factor s = 1 / std(latents) is measured on the training data and saved in the config.
 """
@@ -50,6 +51,14 @@ from minildm.discriminator import (
     hinge_d_loss,
 )
 from minildm.metrics import psnr
+from minildm.training_guards import (
+    check_gradients_finite,
+    check_weights_finite,
+    has_checkpoint,
+    kept_checkpoint,
+    non_finite_loss,
+    optimizer_step,
+)
 
 TRAINER_NAME = "trainer.json"
 
@@ -114,7 +123,9 @@ def folder_pixels(cfg: VAETrainConfig) -> torch.Tensor:
 def is_held_out(count: int) -> torch.Tensor:
     """Which of `count` folder images are held out: every 10th, once there are at least 20 (else none)."""
     index = torch.arange(count)
-    return (index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1) if count >= 2 * HOLD_OUT_EVERY else torch.zeros(count, dtype=torch.bool)
+    if count < 2 * HOLD_OUT_EVERY:
+        return torch.zeros(count, dtype=torch.bool)
+    return index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 
 
 def training_pixels(cfg: VAETrainConfig) -> torch.Tensor:
@@ -184,6 +195,8 @@ class VAETrainer:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.device = get_device(device)  # float32 on any device; random draws stay on the CPU (exact resume anywhere)
         self.step, self.history, self.train_seconds = 0, [], 0.0   # train_seconds: summed over every resumed run
+        self.saved_step = None                                      # the step of the checkpoint in --out, if any
+        has_checkpoint(self.out, resume, TRAINER_NAME)              # --out is the checkpoint folder
         if self.out.exists() and not resume:
             raise FileExistsError(f"{self.out} already exists; pass --resume to continue it, or choose another --out")
         torch.manual_seed(cfg.seed)
@@ -199,10 +212,11 @@ class VAETrainer:
         self.disc = self.disc_opt = None
         if cfg.gan:
             if cfg.image_size < 32:
-                raise ValueError(f"--gan needs images of at least 32x32 (the PatchGAN's 5 convs shrink them), got {cfg.image_size}")
+                raise ValueError(f"--gan needs images of at least 32x32 (the PatchGAN's 5 convs shrink them), got "
+                                 f"{cfg.image_size}")
             self.disc = PatchDiscriminator(self.vae.config.out_channels).to(self.device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
-        if resume and self.out.exists():
+        if resume:
             self.load()
         self.pixels = training_pixels(cfg)
         self.cached = self.cache_posteriors() if cfg.finetune_decoder else None
@@ -229,19 +243,17 @@ class VAETrainer:
             loss = loss + cfg.disc_weight * weight * g_loss
             parts["g_loss"] = g_loss.detach()
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step}; training stopped, the last good checkpoint in "
-                f"{self.out} is kept. Lower --lr or check the data for NaN/Inf"
-            )
+            raise non_finite_loss(loss.item(), step, self.kept(), "Lower --lr, or check the data for NaN/inf")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
+        check_gradients_finite(self.vae, step, self.kept(), "Check the data for extreme values")
+        optimizer_step(self.opt.step, lr, step, self.kept())
         if self.disc is not None and step >= cfg.disc_start:
             self.disc.train()
             d_loss = hinge_d_loss(self.disc(x), self.disc(x_hat.detach()))
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            self.disc_opt.step()
+            optimizer_step(self.disc_opt.step, cfg.disc_lr, step, self.kept())
             parts["d_loss"] = d_loss.detach()
         self.step += 1
         out = {"step": self.step, "loss": float(loss.detach()), "lr": lr, "psnr": float(psnr(x_hat, x).mean())}
@@ -283,7 +295,14 @@ class VAETrainer:
         self.save(summary)
         return summary
 
+    def kept(self) -> str:
+        return kept_checkpoint(self.out, self.saved_step)
+
     def save(self, summary: dict | None = None) -> None:
+        """Write --out atomically, after checking the weights: a NaN never replaces a good checkpoint."""
+        weights = {**{f"vae.{k}": v for k, v in self.vae.state_dict().items()},
+                   **({f"disc.{k}": v for k, v in self.disc.state_dict().items()} if self.disc is not None else {})}
+        check_weights_finite(weights, self.step, self.kept(), "Check the data for extreme values")
         opt_tensors, opt_groups = optimizer_to_tensors(self.opt)
         files = {CONFIG_NAME: self.vae.config.to_dict(), WEIGHTS_NAME: self.vae.state_dict(),
                  "optimizer.safetensors": opt_tensors}
@@ -297,6 +316,7 @@ class VAETrainer:
             trainer["disc_optimizer_groups"] = disc_groups
         files[TRAINER_NAME] = trainer
         write_folder_atomically(self.out, files, kind="vae-training-checkpoint", keep_old=False)
+        self.saved_step = self.step
         if self.cfg.finetune_decoder:
             save_decoder_file(self.vae, self.out / "decoder.safetensors")
 
@@ -311,12 +331,14 @@ class VAETrainer:
             )
         self.vae.config = AutoencoderConfig.from_dict(read_config(self.out))
         load_weights_into(self.vae, self.out)
-        optimizer_from_tensors(self.opt, load_file(str(self.out / "optimizer.safetensors")), trainer["optimizer_groups"])
+        optimizer_from_tensors(self.opt, load_file(str(self.out / "optimizer.safetensors")),
+                               trainer["optimizer_groups"])
         if self.disc is not None:
             self.disc.load_state_dict(load_file(str(self.out / "discriminator.safetensors")))
             optimizer_from_tensors(self.disc_opt, load_file(str(self.out / "disc_optimizer.safetensors")),
                                    trainer["disc_optimizer_groups"])
         self.step, self.history, self.train_seconds = trainer["step"], trainer["history"], trainer["train_seconds"]
+        self.saved_step = self.step
 
 
 def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, half: bool = False) -> Path:
@@ -337,4 +359,5 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
     return write_folder_atomically(export_to, files, kind="model")
 
 
-__all__ = ["VAETrainConfig", "VAETrainer", "apply_learning_rate", "encode_moments", "export_model", "learning_rate", "step_generator"]
+__all__ = ["VAETrainConfig", "VAETrainer", "apply_learning_rate", "encode_moments", "export_model", "learning_rate",
+           "step_generator"]

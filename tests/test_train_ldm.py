@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from minildm.ema import EMA
+from minildm.latent_cache import LATENT_CACHE
+from minildm.ldm_export import export_pipeline
+from minildm.ldm_recipe import LDMTrainConfig, autocast_dtype, model_configs
+from minildm.pretrained import vae_folder
 from minildm.schedule import NoiseSchedule
-from minildm.train_ldm import (
-    CHECKPOINT,
-    EMA,
-    LDMTrainConfig,
-    LDMTrainer,
-    autocast_dtype,
-    diffusion_loss,
-    export_pipeline,
-    model_configs,
-)
+from minildm.train_ldm import CHECKPOINT, LDMTrainer, diffusion_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,8 +34,7 @@ def tiny_config(**changes) -> LDMTrainConfig:
 
 def trainer(tmp_path, name="run", resume=False, **changes) -> LDMTrainer:
     cfg = tiny_config(**changes)
-    return LDMTrainer(cfg, tmp_path / name, model_configs(cfg.space, prediction_type=cfg.prediction_type, **TINY),
-                      resume=resume, progress=False)
+    return LDMTrainer(cfg, tmp_path / name, model_configs(cfg.space, **TINY), resume=resume, progress=False)
 
 
 def weights(folder) -> dict:
@@ -67,6 +63,12 @@ class KnowsTheNoise(torch.nn.Module):
         kind = self.schedule.prediction_type
         out = {"epsilon": eps, "sample": self.z0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * self.z0}[kind]
         return out * self.scale
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_the_schedule_trains_the_prediction_type_the_config_names(tmp_path, prediction):
+    run = trainer(tmp_path, prediction_type=prediction)
+    assert run.models.schedule.prediction_type == prediction
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
@@ -117,6 +119,7 @@ def test_ema_follows_the_ramped_decay():
 
 def test_caption_dropout_replaces_about_the_asked_share_with_the_empty_prompt(tmp_path):
     run = trainer(tmp_path, caption_dropout=0.3, batch_size=64)
+    run.prepare()
     empty = run.tokenizer.encode("").ids[0]
     dropped = sum(int((run.batch(step)[1] == empty).all(dim=1).sum()) for step in range(20))
     share = dropped / (20 * 64)
@@ -125,6 +128,8 @@ def test_caption_dropout_replaces_about_the_asked_share_with_the_empty_prompt(tm
 
 def test_a_batch_is_a_pure_function_of_seed_and_step(tmp_path):
     a, b = trainer(tmp_path, "a"), trainer(tmp_path, "b")
+    a.prepare()
+    b.prepare()
     for x, y in zip(a.batch(5), b.batch(5)):
         assert torch.equal(x, y)
     assert not torch.equal(a.batch(5)[0], a.batch(6)[0])
@@ -132,10 +137,49 @@ def test_a_batch_is_a_pure_function_of_seed_and_step(tmp_path):
 
 def test_latents_are_cached_once_and_have_about_unit_variance(tmp_path):
     run = trainer(tmp_path, num_train_images=128)
+    run.prepare()
     assert (tmp_path / "run" / "latents.safetensors").is_file()
     z0 = torch.cat([run.batch(step)[0] for step in range(8)])
     assert z0.shape[1:] == (4, 8, 8)
     assert 0.7 < z0.std().item() < 1.3, f"z_0 has std {z0.std().item():.3f}; the scale factor should make it ~1"
+
+
+def test_building_a_trainer_joins_no_process_group_and_writes_nothing(tmp_path, monkeypatch):
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):   # as torchrun would set them
+        monkeypatch.setenv(name, value)
+    run = LDMTrainer(tiny_config(), tmp_path / "run", model_configs(**TINY), progress=False, device="cpu")
+    assert (run.rank, run.world_size) == (1, 2)
+    assert not torch.distributed.is_initialized(), "building a trainer joined the process group"
+    assert not (tmp_path / "run").exists(), "building a trainer wrote to --out (the latent cache?)"
+    assert run.z_source is None and run.ids is None, "building a trainer loaded the data"
+
+
+def test_the_latent_cache_is_reused_for_the_same_vae_and_data_and_encoded_again_when_they_change(tmp_path, capsys):
+    first = trainer(tmp_path, "run")
+    first.prepare()
+    cache = tmp_path / "run" / LATENT_CACHE
+    again = trainer(tmp_path, "run")                                # no checkpoint yet: a new run may start here
+    again.prepare()
+    assert "encoding the latents again" not in capsys.readouterr().err
+    assert torch.equal(first.z_source, again.z_source)
+
+    other_data = trainer(tmp_path, "run", data_seed=1)
+    other_data.prepare()
+    notice = capsys.readouterr().err
+    assert notice.count("\n") == 1 and "data_seed" in notice and str(cache) in notice, notice
+    assert not torch.equal(first.z_source, other_data.z_source)
+
+    vae = tmp_path / "retrained-vae"                                  # the same folder layout, other encoder weights
+    shutil.copytree(vae_folder("shapes64"), vae)
+    tensors = load_file(str(vae / "model.safetensors"))
+    name = next(k for k in tensors if k.startswith("encoder."))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(vae / "model.safetensors"))
+    other_vae = trainer(tmp_path, "run", data_seed=1, vae=str(vae))
+    other_vae.prepare()
+    notice = capsys.readouterr().err
+    assert "encoder_sha256" in notice and "data_seed" not in notice, notice
+    assert not torch.equal(other_data.z_source, other_vae.z_source)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -190,8 +234,41 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp
     assert_same_weights(saved, weights(tmp_path / "run"))
 
 
+def test_an_inf_gradient_on_a_finite_loss_stops_without_saving_and_does_not_blame_the_lr(tmp_path):
+    run = trainer(tmp_path)
+    run.run(stop_after=3)                             # a checkpoint at step 3
+    saved = weights(tmp_path / "run")
+    next(run.model.parameters()).register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(FloatingPointError, match="gradient became inf at step 3") as err:
+        run.run()
+    message = str(err.value)
+    assert "--lr" not in message and "checkpoint of step 3" in message and "\n" not in message, message
+    assert_same_weights(saved, weights(tmp_path / "run"))
+
+
+def test_weights_with_a_nan_are_never_saved_and_no_checkpoint_is_claimed_when_none_exists(tmp_path):
+    run = trainer(tmp_path)
+    run.train_step()
+    with torch.no_grad():
+        next(run.model.parameters()).view(-1)[0] = float("nan")      # what an overflowed update leaves behind
+    with pytest.raises(FloatingPointError, match="weights hold NaN or inf after step 1") as err:
+        run.save()
+    message = str(err.value)
+    assert "no checkpoint was written" in message and "last good" not in message and "--lr" not in message, message
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("lr", [1e30, 1e40])
+def test_an_absurd_learning_rate_stops_with_a_floating_point_error_that_names_the_lr(tmp_path, lr):
+    with pytest.raises(FloatingPointError, match="Lower --lr") as err:
+        trainer(tmp_path, lr=lr).run()
+    assert "\n" not in str(err.value) and "no checkpoint was written" in str(err.value), str(err.value)
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
 def test_pixel_space_trains_the_same_recipe_on_3x64x64(tmp_path):
     run = trainer(tmp_path, space="pixel", num_train_images=16, batch_size=2, steps=1)
+    run.prepare()
     z0 = run.batch(0)[0]
     assert z0.shape == (2, 3, 64, 64) and z0.min() >= -1 and z0.max() <= 1
     run.run()
@@ -218,10 +295,18 @@ def test_a_used_folder_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
     trainer(tmp_path).run(stop_after=3)
     with pytest.raises(FileExistsError, match="--resume"):
         trainer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume.*drop --resume"):
         trainer(tmp_path, "fresh", resume=True)
     with pytest.raises(ValueError, match="lr"):
         trainer(tmp_path, resume=True, lr=5e-3)
+
+
+def test_resume_first_restores_a_checkpoint_a_crash_left_beside_its_folder(tmp_path):
+    trainer(tmp_path).run(stop_after=3)
+    folder = tmp_path / "run" / CHECKPOINT
+    folder.rename(folder.with_name(f".{CHECKPOINT}.old-12345"))   # died between the two renames of a save
+    assert trainer(tmp_path, resume=True).step == 3
+    assert folder.is_dir()
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
@@ -229,6 +314,16 @@ def test_bad_options_are_one_line_errors(tmp_path):
         trainer(tmp_path, space="voxels")
     with pytest.raises(ValueError, match="caption_dropout"):
         trainer(tmp_path, caption_dropout=1.0)
+    with pytest.raises(ValueError, match="unknown prediction_type 'eps'; choose one of epsilon"):
+        LDMTrainConfig(prediction_type="eps")
+    with pytest.raises(ValueError, match="precision"):
+        LDMTrainConfig(precision="half")
+    with pytest.raises(ValueError, match="--image-size 72 is not a multiple of 16"):
+        trainer(tmp_path, image_size=72)
+    narrow_text = model_configs(**TINY)
+    narrow_text.text_encoder = model_configs(**{**TINY, "text_dim": 16}).text_encoder
+    with pytest.raises(ValueError, match="context of width 32 but the text encoder makes 16"):
+        LDMTrainer(tiny_config(), tmp_path / "narrow", narrow_text, progress=False)
     with pytest.raises(ValueError, match="comma-separated"):
         model_configs(channels="64;128")
     with pytest.raises(ValueError, match="--attention"):
@@ -242,7 +337,8 @@ def test_torchrun_with_two_cpu_processes_keeps_replicas_identical_and_lowers_the
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "minildm", "train-ldm", "--out", str(out), "--steps", "40", "--batch-size", "8",
-               "--num-images", "64", "--warmup-steps", "5", "--save-every", "20", "--sample-every", "0", "--log-every", "1",
+               "--num-images", "64", "--warmup-steps", "5", "--save-every", "20", "--sample-every", "0",
+               "--log-every", "1",
                "--channels", "16,32", "--norm-groups", "8", "--heads", "2", "--text-dim", "32", "--text-depth", "1",
                "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -88,6 +88,56 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert json.loads((tmp_path / "run" / "trainer.json").read_text())["step"] == 2
 
 
+def test_resume_without_a_checkpoint_is_a_one_line_error_that_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume.*drop --resume") as err:
+        VAETrainer(tiny_cfg(), tmp_path / "new", TINY, resume=True, progress=False)
+    assert "\n" not in str(err.value)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileNotFoundError, match="trainer.json does not exist"):
+        VAETrainer(tiny_cfg(), mine, TINY, resume=True, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_first_restores_a_checkpoint_a_crash_left_beside_its_folder(tmp_path):
+    VAETrainer(tiny_cfg(steps=4), tmp_path / "run", TINY, progress=False).run(stop_after=2)
+    (tmp_path / "run").rename(tmp_path / ".run.old-12345")      # died between the two renames of a save
+    assert VAETrainer(tiny_cfg(steps=4), tmp_path / "run", TINY, resume=True, progress=False).step == 2
+
+
+def test_an_inf_gradient_on_a_finite_loss_stops_before_the_update_and_does_not_blame_the_lr(tmp_path):
+    trainer = VAETrainer(tiny_cfg(steps=6), tmp_path / "run", TINY, progress=False)
+    trainer.run(stop_after=2)
+    good = weights(tmp_path / "run")
+    trainer.vae.decoder.conv_out.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(FloatingPointError, match="gradient became NaN or inf at step 2") as err:
+        trainer.run()
+    message = str(err.value)
+    assert "--lr" not in message and "checkpoint of step 2" in message and "\n" not in message, message
+    assert torch.isfinite(trainer.vae.decoder.conv_out.bias).all(), "the update ran with the inf gradient"
+    after = weights(tmp_path / "run")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_weights_with_a_nan_are_never_saved_and_no_checkpoint_is_claimed_when_none_exists(tmp_path):
+    trainer = VAETrainer(tiny_cfg(), tmp_path / "run", TINY, progress=False)
+    trainer.train_step()
+    with torch.no_grad():
+        trainer.vae.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="weights hold NaN or inf after step 1") as err:
+        trainer.save()
+    assert "no checkpoint was written" in str(err.value) and "--lr" not in str(err.value), str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_update_too_large_for_float32_is_a_floating_point_error_that_names_the_lr(tmp_path):
+    trainer = VAETrainer(tiny_cfg(lr=1e40, warmup_steps=1), tmp_path / "run", TINY, progress=False)
+    with pytest.raises(FloatingPointError, match="overflowed float32.*Lower --lr"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     cfg = tiny_cfg(steps=100, lr=1.0, warmup_steps=10, min_lr_fraction=0.1)
     assert learning_rate(cfg, 0) == pytest.approx(0.1)
@@ -162,7 +212,8 @@ def test_finetuning_the_decoder_freezes_the_encoder_and_writes_a_swappable_vae_f
         same = torch.equal(before[key], after[key])
         if key.startswith(("encoder.", "quant_conv.")):
             assert same, f"encoder weight {key} changed during decoder fine-tuning"
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder.")), "decoder did not train"
+    decoder = [k for k in before if k.startswith("decoder.")]
+    assert any(not torch.equal(before[k], after[k]) for k in decoder), "decoder did not train"
 
     vae = load_weights_into(AutoencoderKL(AutoencoderConfig.from_dict(read_config(base))), base)
     swap_decoder(vae, tuned / "decoder.safetensors")
@@ -187,7 +238,8 @@ def test_export_writes_only_the_model_and_the_training_record(tmp_path):
     export_model(tmp_path / "run", tmp_path / "export", {"command": "minildm train-vae ...", "seed": 3})
     names = sorted(p.name for p in (tmp_path / "export").iterdir())
     assert names == ["config.json", "model.safetensors", "training.json"]
-    assert torch.equal(weights(tmp_path / "export")["encoder.conv_in.weight"], weights(tmp_path / "run")["encoder.conv_in.weight"])
+    key = "encoder.conv_in.weight"
+    assert torch.equal(weights(tmp_path / "export")[key], weights(tmp_path / "run")[key])
 
 
 def test_half_precision_export_stores_float16_that_loads_into_a_float32_model(tmp_path):
