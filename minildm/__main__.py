@@ -1,4 +1,5 @@
-from minildm.cli import main
 import sys
+
+from minildm.cli import main
 
 sys.exit(main())

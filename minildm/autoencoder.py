@@ -21,8 +21,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import (config_from_dict, load_config, load_state_dict, load_strict, load_weights_into,
-                                parse_json, read_safetensors_metadata, save_file_atomically)
+from minildm.checkpoint import (
+    config_from_dict,
+    load_config,
+    load_state_dict,
+    load_strict,
+    load_weights_into,
+    parse_json,
+    read_safetensors_metadata,
+    save_file_atomically,
+)
 
 
 @dataclass

@@ -512,8 +512,11 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
     return model
 
 
-def load_weights_into(model: torch.nn.Module, folder: str | os.PathLike) -> torch.nn.Module:
-    path = Path(folder) / WEIGHTS_NAME
+def load_weights_into(model: torch.nn.Module, folder: str | os.PathLike,
+                      name: str = WEIGHTS_NAME) -> torch.nn.Module:
+    """`model` <- the weights file `name` in `folder` (a model folder's model.safetensors, or a checkpoint's
+    ema.safetensors, discriminator.safetensors), read safely and loaded strictly."""
+    path = Path(folder) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     return load_strict(model, load_state_dict(path), str(path))

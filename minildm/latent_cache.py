@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from minildm.checkpoint import save_file_atomically
+from minildm.checkpoint import load_state_dict, read_safetensors_metadata, save_file_atomically
 from minildm.train_vae import encode_moments
 
 LATENT_CACHE = "latents.safetensors"
@@ -42,8 +40,7 @@ def cache_identity(vae: nn.Module, num_images: int, data_seed: int, image_size: 
 def stale_fields(path: Path, identity: dict[str, str]) -> list[str]:
     """The fields of `identity` the cache at `path` was not made with (all of them for a cache from before they were
     recorded)."""
-    with safe_open(str(path), framework="pt") as f:
-        made_with = f.metadata() or {}
+    made_with = read_safetensors_metadata(path, "latent cache")
     return [key for key, value in identity.items() if made_with.get(key) != value]
 
 
@@ -61,4 +58,4 @@ def load_or_encode(path: Path, vae: nn.Module, pixels: Tensor, identity: dict[st
             save_file_atomically({"moments": encode_moments(vae, pixels)}, path, metadata=identity)
     if world_size > 1:
         dist.barrier()
-    return load_file(str(path))["moments"]
+    return load_state_dict(path, "latent cache")["moments"]

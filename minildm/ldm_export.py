@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from minildm.checkpoint import read_config
+from minildm.checkpoint import load_weights_into, read_config, read_json
 from minildm.ldm_recipe import ModelConfigs
 from minildm.pipeline import LatentDiffusion, save_pipeline
 from minildm.pixel_space import PixelSpace
@@ -25,14 +22,14 @@ def export_pipeline(run_folder: str | Path, export_to: str | Path, notes: dict, 
     config = read_config(folder)
     models = ModelConfigs.from_dict(config)
     model = models.denoiser()
-    model.load_state_dict(load_file(str(folder / "ema.safetensors")))
+    load_weights_into(model, folder, "ema.safetensors")
     latent = config["space"] == "latent"
     autoencoder = load_vae_folder(config["vae"], "cpu") if latent else PixelSpace(config["image_size"])
     words = config["tokenizer_words"][len(SPECIAL_TOKENS):]
     tokenizer = Tokenizer(words=words, max_length=models.text_encoder.max_length)
     pipe = LatentDiffusion(autoencoder, model.unet.eval(), model.text_encoder.eval(), tokenizer, models.schedule,
                            device="cpu", guidance_scale=guidance_scale, steps=steps)
-    trainer = json.loads((folder / TRAINER_NAME).read_text())
+    trainer = read_json(folder / TRAINER_NAME)
     record = {**notes, "train_config": trainer["train_config"], "history": trainer["history"]}
     vae_dir = Path(config["vae"]).resolve() if latent else None
     beside = vae_dir is not None and vae_dir.parent == export_to.resolve().parent

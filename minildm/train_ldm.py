@@ -20,7 +20,6 @@ the loss, the loop and its checkpoints.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,12 +27,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from minildm.autoencoder import DiagonalGaussian
-from minildm.checkpoint import optimizer_from_tensors, optimizer_to_tensors, read_config, write_folder_atomically
+from minildm.checkpoint import (
+    load_state_dict,
+    load_weights_into,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_config,
+    read_json,
+    write_folder_atomically,
+)
 from minildm.data import ShapesDataset, to_tensor_batch
 from minildm.distributed import (
     StopRequested,
@@ -294,7 +300,7 @@ class LDMTrainer:
 
     def load(self) -> None:
         folder = self.out / CHECKPOINT
-        trainer = json.loads((folder / TRAINER_NAME).read_text())
+        trainer = read_json(folder / TRAINER_NAME)
         saved, now = trainer["train_config"], asdict(self.cfg)
         may_change = ("steps", "save_every", "sample_every", "log_every")
         changed = {k for k in saved if k not in may_change and saved[k] != now.get(k)}
@@ -305,9 +311,9 @@ class LDMTrainer:
         if trainer.get("world_size", 1) != self.world_size:
             raise ValueError(f"{self.out} was trained on {trainer['world_size']} process(es), this is "
                              f"{self.world_size}; resume with the same --nproc_per_node (each rank's data is its own)")
-        self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        self.ema.shadow = {k: v.to(self.device) for k, v in load_file(str(folder / "ema.safetensors")).items()}
-        optimizer_from_tensors(self.opt, load_file(str(folder / "optimizer.safetensors")), trainer["optimizer_groups"])
+        load_weights_into(self.model, folder)
+        self.ema.shadow = {k: v.to(self.device) for k, v in load_state_dict(folder / "ema.safetensors").items()}
+        optimizer_from_tensors(self.opt, load_state_dict(folder / "optimizer.safetensors"), trainer["optimizer_groups"])
         self.scaler.load_state_dict(trainer["scaler"])
         self.step, self.history, self.train_seconds = trainer["step"], trainer["history"], trainer["train_seconds"]
         self.saved_step = self.step

@@ -15,15 +15,13 @@ At the end the latent scale factor s = 1 / std(latents) is measured on the train
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from tqdm import tqdm
 
 from minildm.autoencoder import (
@@ -36,10 +34,13 @@ from minildm.autoencoder import (
 from minildm.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    load_state_dict,
     load_weights_into,
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_config,
+    read_json,
+    read_safetensors_metadata,
     write_folder_atomically,
 )
 from minildm.data import EVAL_SEED, ImageFolderDataset, ShapesDataset, to_tensor_batch
@@ -321,7 +322,7 @@ class VAETrainer:
             save_decoder_file(self.vae, self.out / "decoder.safetensors")
 
     def load(self) -> None:
-        trainer = json.loads((self.out / TRAINER_NAME).read_text())
+        trainer = read_json(self.out / TRAINER_NAME)
         saved = trainer["train_config"]
         changed = {k for k in saved if k not in ("steps", "save_every") and saved[k] != asdict(self.cfg).get(k)}
         if changed:
@@ -331,11 +332,11 @@ class VAETrainer:
             )
         self.vae.config = AutoencoderConfig.from_dict(read_config(self.out))
         load_weights_into(self.vae, self.out)
-        optimizer_from_tensors(self.opt, load_file(str(self.out / "optimizer.safetensors")),
+        optimizer_from_tensors(self.opt, load_state_dict(self.out / "optimizer.safetensors"),
                                trainer["optimizer_groups"])
         if self.disc is not None:
-            self.disc.load_state_dict(load_file(str(self.out / "discriminator.safetensors")))
-            optimizer_from_tensors(self.disc_opt, load_file(str(self.out / "disc_optimizer.safetensors")),
+            load_weights_into(self.disc, self.out, "discriminator.safetensors")
+            optimizer_from_tensors(self.disc_opt, load_state_dict(self.out / "disc_optimizer.safetensors"),
                                    trainer["disc_optimizer_groups"])
         self.step, self.history, self.train_seconds = trainer["step"], trainer["history"], trainer["train_seconds"]
         self.saved_step = self.step
@@ -349,13 +350,12 @@ def export_model(run_folder: str | Path, export_to: str | Path, notes: dict, hal
         return {k: v.half() if half and v.is_floating_point() else v for k, v in tensors.items()}
 
     run_folder = Path(run_folder)
-    files = {CONFIG_NAME: read_config(run_folder), WEIGHTS_NAME: stored(load_file(str(run_folder / WEIGHTS_NAME))),
+    files = {CONFIG_NAME: read_config(run_folder), WEIGHTS_NAME: stored(load_state_dict(run_folder / WEIGHTS_NAME)),
              "training.json": {**notes, "weights_dtype": "float16" if half else "float32"}}
     decoder = run_folder / "decoder.safetensors"
     if decoder.is_file():
-        with safe_open(str(decoder), framework="pt") as f:
-            metadata = f.metadata()
-        files["decoder.safetensors"] = save(stored(load_file(str(decoder))), metadata=metadata)
+        metadata = read_safetensors_metadata(decoder, "VAE file")
+        files["decoder.safetensors"] = save(stored(load_state_dict(decoder, "VAE file")), metadata=metadata)
     return write_folder_atomically(export_to, files, kind="model")
 
 
