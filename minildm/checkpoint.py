@@ -461,9 +461,13 @@ def load_state_dict(path: str | os.PathLike, what: str = "safetensors file") -> 
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:
+            # torch names the object it refused ("Unsupported global: GLOBAL builtins.print"); keep just that
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            reason = (f"this one names {found.group(1)!r}, which is not a tensor" if found
+                      else (str(err).splitlines() or ["unreadable"])[0])
             raise ValueError(
-                f"{path}: refused to load: a pickle file may only hold tensors here (torch.load weights_only=True "
-                f"failed: {str(err).splitlines()[0]}); convert it to .safetensors from a trusted environment"
+                f"{path}: refused to load: a pickle file may only hold tensors here, and {reason} (torch.load with "
+                f"weights_only=True refused it); convert it to .safetensors in an environment you trust"
             ) from err
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]  # CompVis / Lightning checkpoints keep the weights one level down

@@ -124,6 +124,15 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def check_export_target(export: str | None, kind: str) -> None:
+    """--export is checked before training starts: a folder that cannot take the result (a user's own folder, a
+    file) fails now, not after the run. The export itself checks again when it writes."""
+    from minildm.checkpoint import check_replaceable
+
+    if export:
+        check_replaceable(Path(export), kind, keep_old=True, names=set())
+
+
 def cmd_demo(args) -> int:
     from minildm.demo import run_demo
 
@@ -252,8 +261,8 @@ def cmd_train_vae(args) -> int:
     from minildm.autoencoder import AutoencoderConfig
     from minildm.train_vae import VAETrainer, export_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    check_export_target(args.export, "model")
     cfg = train_config_from_args(args)
     model_config = None
     if args.channels:
@@ -280,8 +289,8 @@ def cmd_train_ldm(args) -> int:
     from minildm.ldm_recipe import LDMTrainConfig, model_configs
     from minildm.train_ldm import LDMTrainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    check_export_target(args.export, "pipeline")
     values = {f.name: getattr(args, f.name) for f in fields(LDMTrainConfig) if getattr(args, f.name, None) is not None}
     cfg = LDMTrainConfig(**values)
     models = model_configs(cfg.space, channels=args.channels, attention=args.attention, heads=args.heads,
@@ -485,7 +494,9 @@ class Parser(argparse.ArgumentParser):
 USER_ERRORS = (OSError, ValueError, TypeError, FloatingPointError, NotImplementedError)
 WHAT_TO_DO = {errno.EACCES: "check its permissions, or choose a folder you can write to",
               errno.EPERM: "check its permissions, or choose a folder you can write to",
-              errno.EROFS: "choose a folder on a disk you can write to", errno.ENOSPC: "free some disk space"}
+              errno.EROFS: "choose a folder on a disk you can write to", errno.ENOSPC: "free some disk space",
+              errno.EEXIST: "a file stands where a folder should be: choose another path",
+              errno.ENOTDIR: "a file stands where a folder should be: choose another path"}
 
 
 def first_line(message: str) -> str:

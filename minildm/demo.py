@@ -18,7 +18,7 @@ from torch import Tensor
 
 from minildm import manifold, viz
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, compression_ratio, latent_shape
-from minildm.checkpoint import read_config
+from minildm.checkpoint import read_config, recover_interrupted_save
 from minildm.data import COLOURS, SHAPE_KINDS, ShapesDataset
 from minildm.metrics import psnr
 from minildm.pipeline import LatentDiffusion
@@ -204,14 +204,15 @@ def train_pipeline(out: Path, device=None) -> Path:
     out/pipeline. The VAE is not retrained: training encodes Shapes with the shipped one."""
     from minildm.ldm_export import export_pipeline
     from minildm.ldm_recipe import LDMTrainConfig, model_configs
-    from minildm.train_ldm import LDMTrainer
+    from minildm.train_ldm import CHECKPOINT, LDMTrainer
 
     cfg = LDMTrainConfig(**TRAIN_CONFIG)
     run = out / "train-run"
     print(f"training the diffusion model from scratch: {cfg.steps} steps into {run} (about 15 minutes on a 2-core "
           f"CPU, a quarter of the shipped model's 12,000; the shipped VAE is reused, not retrained; interrupted? run "
           f"the same command to continue)")
-    resume = (run / "checkpoint").is_dir()
+    recover_interrupted_save(run / CHECKPOINT)         # a save cut short is finished before deciding to resume
+    resume = (run / CHECKPOINT).is_dir()
     trainer = LDMTrainer(cfg, run, model_configs(**TRAIN_MODELS), resume=resume, device=device)
     summary = trainer.run()
     if summary.get("stopped_early"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ def vae_folder(name: str) -> Path:
 
 
 def asset_folder(name: str, shipped: dict[str, Path], what: str) -> Path:
+    if name not in shipped and ("/" in name or os.sep in name):
+        raise FileNotFoundError(f"{name}: no such {what} folder; give a folder holding config.json and "
+                                f"model.safetensors, or a shipped name: {', '.join(shipped)}")
     if name not in shipped:
         raise ValueError(f"no shipped {what} called {name!r}; available: {', '.join(shipped)}")
     folder = shipped[name]

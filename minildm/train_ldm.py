@@ -58,6 +58,7 @@ from minildm.schedule import NoiseSchedule
 from minildm.text import Tokenizer
 from minildm.train_vae import apply_learning_rate, step_generator
 from minildm.training_guards import (
+    check_run_folder,
     check_weights_finite,
     has_checkpoint,
     kept_checkpoint,
@@ -65,6 +66,7 @@ from minildm.training_guards import (
     optimizer_step,
 )
 
+SAMPLES = "samples"                  # the sample grids written every --sample-every steps
 CHECKPOINT = "checkpoint"            # the atomic folder inside --out that --resume reads
 TRAINER_NAME = "trainer.json"
 SAMPLE_PROMPTS = ("a large red circle in the centre", "a small blue square at the top left",
@@ -100,9 +102,7 @@ class LDMTrainer:
         self.rank, self.world_size, self.device = process_placement(device)
         self.autocast = autocast_dtype(self.device, cfg.precision)
         has_checkpoint(self.out / CHECKPOINT, resume, TRAINER_NAME)
-        if (self.out / CHECKPOINT).exists() and not resume:
-            raise FileExistsError(f"{self.out} already holds a training run; pass --resume to continue it, or "
-                                  "choose another --out")
+        check_run_folder(self.out, resume, ours=(LATENT_CACHE, SAMPLES))
         self.step, self.history, self.train_seconds, self.saved_step = 0, [], 0.0, None
         if resume:
             models = ModelConfigs.from_dict(read_config(self.out / CHECKPOINT))
@@ -333,7 +333,7 @@ class LDMTrainer:
                                device=self.device)
         prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
         images = pipe.text_to_image(prompts, steps=25, seed=0, height=self.cfg.image_size, width=self.cfg.image_size)
-        path = self.out / "samples" / f"step-{self.step:06d}.png"
+        path = self.out / SAMPLES / f"step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, nrow=4).save(path)
         return path

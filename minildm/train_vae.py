@@ -54,6 +54,7 @@ from minildm.discriminator import (
 from minildm.metrics import psnr
 from minildm.training_guards import (
     check_gradients_finite,
+    check_run_folder,
     check_weights_finite,
     has_checkpoint,
     kept_checkpoint,
@@ -198,8 +199,7 @@ class VAETrainer:
         self.step, self.history, self.train_seconds = 0, [], 0.0   # train_seconds: summed over every resumed run
         self.saved_step = None                                      # the step of the checkpoint in --out, if any
         has_checkpoint(self.out, resume, TRAINER_NAME)              # --out is the checkpoint folder
-        if self.out.exists() and not resume:
-            raise FileExistsError(f"{self.out} already exists; pass --resume to continue it, or choose another --out")
+        check_run_folder(self.out, resume)
         torch.manual_seed(cfg.seed)
         if cfg.finetune_decoder:
             self.vae = AutoencoderKL.from_folder(cfg.finetune_decoder)

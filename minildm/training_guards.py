@@ -33,6 +33,23 @@ def has_checkpoint(folder: Path, resume: bool, marker: str) -> bool:
     return found
 
 
+def check_run_folder(out: Path, resume: bool, ours: tuple[str, ...] = ()) -> None:
+    """A run writes into a new folder, an empty one, or one holding only what an earlier start of the run left (`ours`:
+    the latent cache, sample grids), never among a user's files; a checkpoint there needs --resume. The folder is made
+    now, so a place that cannot be written (a file in the way, a read-only disk) fails before any training."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder name")
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if others and not resume:
+        raise FileExistsError(f"--out {out} already holds {', '.join(others[:3])}; pass --resume to continue the run "
+                              "there, or choose a new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise NotADirectoryError(f"--out {out}: cannot make this folder ({err.strerror}: {err.filename}); choose "
+                                 "another --out") from err
+
+
 def kept_checkpoint(folder: Path, saved_step: int | None) -> str:
     """What became of the checkpoint when training stops: never claim one that does not exist."""
     if saved_step is None:

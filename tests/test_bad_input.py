@@ -58,7 +58,7 @@ def workspace(root: Path) -> dict[str, Path]:
     rgba = np.concatenate([pixels, np.full((64, 64, 1), 128, np.uint8)], axis=2)
     write_png(root / "transparent.png", rgba, "RGBA")
     write_png(root / "grey-mask.png", np.full((64, 64), 128, np.uint8), "L")
-    write_png(root / "small.png", pixels[:32, :32])
+    write_png(root / "odd-size.png", pixels[:60, :60])
     (root / "corrupt.safetensors").write_bytes(b"\xff" * 64)
     torch.save({"weight": torch.zeros(2)}, root / "weights.ckpt")
     return {name: root / name for name in ("mine.txt", "existing.png", "transparent.png", "grey-mask.png")}
@@ -143,7 +143,7 @@ FAIL_ROWS = [
         "not-an-image.png"),
     Row("sample: an init image with transparency", cli(*SAMPLE, "--init-image", "{ws}/transparent.png"), 1,
         "transpar"),
-    Row("sample: an init image of the wrong size", cli(*SAMPLE, "--init-image", "{ws}/small.png"), 1, "32x32"),
+    Row("sample: an init image of the wrong size", cli(*SAMPLE, "--init-image", "{ws}/odd-size.png"), 1, "60x60"),
     Row("sample: a grey mask", cli(*SAMPLE, "--init-image", "{ws}/existing.png", "--mask", "{ws}/grey-mask.png"),
         1, "grey-mask.png"),
     Row("sample: a mask without an init image", cli(*SAMPLE, "--mask", "{ws}/grey-mask.png"), 1, "--init-image"),
@@ -153,11 +153,15 @@ FAIL_ROWS = [
         "--resume"),
     Row("train-vae: --out inside a file", cli("train-vae", "--out", "{ws}/a-file/run", "--steps", "1"), 1, "a-file"),
     Row("train-vae: --resume with no checkpoint", cli("train-vae", "--out", "{ws}/empty-folder", "--resume"), 1,
-        "checkpoint"),
+        "nothing to resume"),
     Row("train-ldm: --resume with no checkpoint", cli("train-ldm", "--out", "{ws}/empty-folder", "--resume"), 1,
-        "checkpoint"),
+        "nothing to resume"),
     Row("train-ldm: --out holds a user's files", cli("train-ldm", "--out", "{ws}/user-folder", "--steps", "1"), 1,
         "--resume"),
+    Row("train-vae: --export into a user's folder",
+        cli("train-vae", "--out", "{ws}/run", "--export", "{ws}/user-folder", "--steps", "1"), 1, "did not write"),
+    Row("train-ldm: --export into a user's folder",
+        cli("train-ldm", "--out", "{ws}/run", "--export", "{ws}/user-folder", "--steps", "1"), 1, "did not write"),
     Row("train-ldm: a --vae folder that does not exist",
         cli("train-ldm", "--out", "{ws}/run", "--vae", "{ws}/no-such-vae", "--steps", "1"), 1, "no-such-vae"),
     Row("train-vae: a --finetune-decoder folder that does not exist",
@@ -304,9 +308,9 @@ API_ROWS = [
     Row("a pickle that runs code", lambda ws: load_state_dict(pickle_with_code(ws)), ValueError, "evil.ckpt"),
     Row("a weights file of an unknown format", lambda ws: load_state_dict(ws / "mine.txt"), ValueError, ".txt"),
     Row("swap_decoder with a corrupt file",
-        lambda ws: swap_decoder(AutoencoderKL(AutoencoderConfig.tiny()), ws / "corrupt.safetensors"), ValueError,
+        lambda ws: swap_decoder(AutoencoderKL(AutoencoderConfig.shapes64()), ws / "corrupt.safetensors"), ValueError,
         "corrupt.safetensors"),
-    Row("swap_decoder with a pickle", lambda ws: swap_decoder(AutoencoderKL(AutoencoderConfig.tiny()),
+    Row("swap_decoder with a pickle", lambda ws: swap_decoder(AutoencoderKL(AutoencoderConfig.shapes64()),
                                                              ws / "weights.ckpt"), ValueError, "weights.ckpt"),
     Row("a pipeline.json whose VAE climbs out of its parent",
         lambda ws: LatentDiffusion.from_folder(pipeline_with_vae_reference(ws, "../../user-folder")), ValueError,
@@ -332,7 +336,7 @@ API_ROWS = [
     Row("VAE channels that do not split into groups",
         lambda ws: AutoencoderConfig(block_out_channels=(30, 60), norm_num_groups=8), ValueError, "norm_num_groups"),
     Row("a VAE given the wrong channels",
-        lambda ws: AutoencoderKL(AutoencoderConfig.tiny()).encode(torch.zeros(1, 1, 64, 64)), ValueError, "3"),
+        lambda ws: AutoencoderKL(AutoencoderConfig.shapes64()).encode(torch.zeros(1, 1, 64, 64)), ValueError, "3"),
     Row("a vocab.json that is not JSON", lambda ws: Tokenizer.from_folder(vocab_folder(ws)), ValueError, "line"),
     Row("a shipped pipeline that does not exist", lambda ws: load_pipeline("shapes1024"), ValueError, "shapes1024"),
     Row("q_sample at a timestep past T",

@@ -150,7 +150,8 @@ def test_building_a_trainer_joins_no_process_group_and_writes_nothing(tmp_path, 
     run = LDMTrainer(tiny_config(), tmp_path / "run", model_configs(**TINY), progress=False, device="cpu")
     assert (run.rank, run.world_size) == (1, 2)
     assert not torch.distributed.is_initialized(), "building a trainer joined the process group"
-    assert not (tmp_path / "run").exists(), "building a trainer wrote to --out (the latent cache?)"
+    written = list((tmp_path / "run").iterdir())               # the run folder itself is made, to fail early
+    assert not written, f"building a trainer wrote {written} to --out (the latent cache?)"
     assert run.z_source is None and run.ids is None, "building a trainer loaded the data"
 
 
