@@ -50,73 +50,7 @@ def test_train_vae_refuses_an_existing_output_folder_with_a_one_line_error(tmp_p
 
 # ------------------------------------------------------------------------------- bad command lines: exit code 2
 
-OUT = ["--out", "never-written"]                             # argparse stops before anything is written
-SAMPLE = ["sample", "--prompt", "a red circle", "--out", "never-written.png"]
-BAD_ARGUMENTS = [                                            # (command line, the option the error must name)
-    (["train-vae", *OUT, "--save-every", "0"], "--save-every"),
-    (["train-ldm", *OUT, "--save-every", "-5"], "--save-every"),
-    (["train-ldm", *OUT, "--log-every", "0"], "--log-every"),
-    (["train-vae", *OUT, "--steps", "0"], "--steps"),
-    (["train-ldm", *OUT, "--steps", "-1"], "--steps"),
-    (["train-ldm", *OUT, "--steps", "1.5"], "--steps"),
-    (["train-vae", *OUT, "--num-images", "0"], "--num-images"),
-    (["train-ldm", *OUT, "--num-images", "0"], "--num-images"),
-    (["train-vae", *OUT, "--threads", "-1"], "--threads"),
-    (["demo", *OUT, "--threads", "-1"], "--threads"),
-    ([*SAMPLE, "--threads", "-2"], "--threads"),
-    (["train-vae", *OUT, "--channels", "a,b"], "--channels"),
-    (["train-vae", *OUT, "--channels", "16,0"], "--channels"),
-    (["train-ldm", *OUT, "--channels", "32,,64"], "--channels"),
-    (["train-ldm", *OUT, "--channels", "-32,64"], "--channels"),
-    (["train-ldm", *OUT, "--attention", "1,2"], "--attention"),
-    (["train-vae", *OUT, "--batch-size", "0"], "--batch-size"),
-    (["train-ldm", *OUT, "--batch-size", "0"], "--batch-size"),
-    (["train-vae", *OUT, "--lr", "0"], "--lr"),
-    (["train-ldm", *OUT, "--lr", "-1e-3"], "--lr"),
-    (["train-ldm", *OUT, "--lr", "nan"], "--lr"),
-    (["train-ldm", *OUT, "--lr", "inf"], "--lr"),
-    (["train-vae", *OUT, "--kl-weight", "-1"], "--kl-weight"),
-    (["train-vae", *OUT, "--disc-weight", "-0.5"], "--disc-weight"),
-    (["train-vae", *OUT, "--disc-start", "-1"], "--disc-start"),
-    (["train-vae", *OUT, "--image-size", "0"], "--image-size"),
-    (["train-vae", *OUT, "--layers-per-block", "0"], "--layers-per-block"),
-    (["train-vae", *OUT, "--norm-groups", "0"], "--norm-groups"),
-    (["train-vae", *OUT, "--stop-after", "0"], "--stop-after"),
-    (["train-vae", *OUT, "--seed", "-1"], "--seed"),
-    (["train-ldm", *OUT, "--data-seed", "-1"], "--data-seed"),
-    (["train-ldm", *OUT, "--seed", str(2**64)], "--seed"),
-    (["train-ldm", *OUT, "--warmup-steps", "-1"], "--warmup-steps"),
-    (["train-ldm", *OUT, "--caption-dropout", "1.5"], "--caption-dropout"),
-    (["train-ldm", *OUT, "--ema-decay", "1"], "--ema-decay"),
-    (["train-ldm", *OUT, "--sample-every", "-1"], "--sample-every"),
-    (["train-ldm", *OUT, "--heads", "0"], "--heads"),
-    (["train-ldm", *OUT, "--text-dim", "0"], "--text-dim"),
-    (["train-ldm", *OUT, "--text-depth", "0"], "--text-depth"),
-    (["train-ldm", *OUT, "--export-steps", "0"], "--export-steps"),
-    (["train-ldm", *OUT, "--export-guidance", "-1"], "--export-guidance"),
-    (["train-ldm", *OUT, "--prediction", "eps"], "--prediction"),
-    ([*SAMPLE, "--num", "0"], "--num"),
-    ([*SAMPLE, "--steps", "0"], "--steps"),
-    ([*SAMPLE, "--guidance", "-1"], "--guidance"),
-    ([*SAMPLE, "--guidance", "nan"], "--guidance"),
-    ([*SAMPLE, "--strength", "1.5"], "--strength"),
-    ([*SAMPLE, "--strength", "-0.1"], "--strength"),
-    ([*SAMPLE, "--seed", "-1"], "--seed"),
-    (["demo", *OUT, "--seed", "x"], "--seed"),
-    (["demo", *OUT, "--train", "--pipeline", "."], "--train"),
-    (["sample", "--out", "never-written.png"], "--prompt"),
-    (["grade", "--timeout", "0"], "--timeout"),
-]
-
-
-@pytest.mark.parametrize("argv, option", BAD_ARGUMENTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_ARGUMENTS])
-def test_a_bad_command_line_is_exit_code_2_with_one_line_naming_the_option(argv, option, capsys, tmp_path,
-                                                                             monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
-    err = one_error_line(capsys, argv[0])
-    assert option in err and "--help" in err, err
-    assert list(tmp_path.iterdir()) == [], "argparse's refusal wrote something"
+# The table of bad command lines (exit code 2) is tests/test_bad_input.py's.
 
 
 def test_a_bad_command_line_from_the_shell_is_one_line_and_exit_code_2(tmp_path):
