@@ -131,18 +131,14 @@ class Denoiser(nn.Module):
 
 def check_parts_fit(autoencoder: nn.Module, denoiser: Denoiser, tokenizer: Tokenizer, schedule: NoiseSchedule,
                     image_size: int) -> None:
-    """The parts must fit as any pipeline's must (pipeline.mismatches), and the images must halve as often as the
-    U-Net downsamples."""
+    """The parts must fit as any pipeline's must (pipeline.mismatches), and the --image-size images must halve as
+    often as the VAE and the U-Net downsample."""
     space = "the pixel space" if isinstance(autoencoder, PixelSpace) else "the VAE"
-    problems = mismatches(autoencoder, denoiser.unet, denoiser.text_encoder, tokenizer, schedule, names={"vae": space})
+    problems = mismatches(autoencoder, denoiser.unet, denoiser.text_encoder, tokenizer, schedule, names={"vae": space},
+                          image_size=image_size)
     if problems:
-        raise ValueError("the model settings do not fit: " + "; ".join(problems) + "; change --channels or --text-dim "
-                         "so they agree")
-    f = autoencoder.config.downsampling_factor
-    multiple = f * denoiser.unet.config.downsampling_factor
-    if image_size % multiple:
-        raise ValueError(f"--image-size {image_size} is not a multiple of {multiple} ({space} divides it by {f}, the "
-                         f"U-Net by {multiple // f} more); use a multiple of {multiple} or fewer U-Net levels")
+        raise ValueError("the model settings do not fit: " + "; ".join(problems) + "; change --channels, --text-dim "
+                         "or --image-size so they agree")
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
