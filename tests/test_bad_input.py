@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from minildm.attention import attention
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, latent_shape, swap_decoder
