@@ -82,12 +82,12 @@ from unet import count_flops, reset_peak, resident_bytes
 
 from minildm.data import EVAL_SEED, ShapesDataset
 from minildm.device import default_dtype, get_device
+from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_dtype, model_configs
 from minildm.metrics import count_objects, evaluate_pipeline
 from minildm.pipeline import LatentDiffusion
 from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_judge, load_vae
 from minildm.text import Tokenizer
-from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_dtype, model_configs
 from minildm.train_ldm import LDMTrainer, diffusion_loss
 
 IMAGE_SIZE = 64

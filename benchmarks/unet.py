@@ -62,10 +62,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 # benchmarks/attention.py: this folder is sys.path[0] when the script runs
 from attention import MiB, call_seconds, enough, peak_rss_bytes, ratio, show
+from torch.utils.flop_counter import FlopCounterMode
 
 from minildm.convert import unet_from_diffusers
 

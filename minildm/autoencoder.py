@@ -47,7 +47,8 @@ class AutoencoderConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     scale_factor: float = 0.18215                      # s: z_0 = s * latent, chosen so z_0 has unit variance
-    extra: dict = field(default_factory=dict)          # provenance (training command, data seed, ...); not used by the model
+    # provenance (training command, data seed, ...); not used by the model
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -111,7 +112,8 @@ def latent_shape(height: int, width: int, config: AutoencoderConfig | None = Non
 def check_images(x: Tensor, config: AutoencoderConfig) -> None:
     """Refuse, with a message that says what to do, images the encoder cannot take."""
     if x.ndim != 4:
-        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}; add a batch dimension with x[None]")
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}; "
+                         "add a batch dimension with x[None]")
     if x.shape[1] != config.in_channels:
         raise ValueError(
             f"expected {config.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
@@ -235,7 +237,8 @@ class Encoder(nn.Module):
         for i, out_ch in enumerate(chans):
             is_last = i == len(chans) - 1
             in_ch = chans[max(i - 1, 0)]
-            self.down.append(VAELevel(in_ch, out_ch, config.layers_per_block, groups, None if is_last else VAEDownsample(out_ch)))
+            downsample = None if is_last else VAEDownsample(out_ch)
+            self.down.append(VAELevel(in_ch, out_ch, config.layers_per_block, groups, downsample))
         self.mid = VAEMidBlock(chans[-1], groups, config.mid_block_attention)
         self.norm_out = group_norm(chans[-1], groups)
         self.conv_out = nn.Conv2d(chans[-1], 2 * config.latent_channels, 3, padding=1)
@@ -260,7 +263,8 @@ class Decoder(nn.Module):
         for i, out_ch in enumerate(chans):
             is_last = i == len(chans) - 1
             in_ch = chans[max(i - 1, 0)]
-            self.up.append(VAELevel(in_ch, out_ch, config.layers_per_block + 1, groups, None if is_last else Upsample(out_ch)))
+            upsample = None if is_last else Upsample(out_ch)
+            self.up.append(VAELevel(in_ch, out_ch, config.layers_per_block + 1, groups, upsample))
         self.norm_out = group_norm(chans[-1], groups)
         self.conv_out = nn.Conv2d(chans[-1], config.out_channels, 3, padding=1)
 
@@ -284,7 +288,8 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """The reparameterisation trick (Kingma & Welling 2014): randomness enters as eps, so gradients reach mean and std."""
+        """The reparameterisation trick (Kingma & Welling 2014): randomness enters as eps, so gradients reach
+        mean and std."""
         # BEGIN SOLUTION ch02.reparameterize
         eps = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32).to(self.mean)
         # z = mean + std * eps,  eps ~ N(0, I)
@@ -407,7 +412,8 @@ def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: str = "l1") -> Tensor:
     return per_pixel.flatten(1).sum(dim=1)
 
 
-def vae_loss(x_hat: Tensor, x: Tensor, posterior: DiagonalGaussian, kl_weight: float, kind: str = "l1") -> tuple[Tensor, dict]:
+def vae_loss(x_hat: Tensor, x: Tensor, posterior: DiagonalGaussian, kl_weight: float,
+             kind: str = "l1") -> tuple[Tensor, dict]:
     """The VAE objective (negative ELBO with a small beta): reconstruction + beta * KL(q(z|x) || N(0, I)).
 
     A tiny beta (SD: 1e-6) keeps the latent space smooth and bounded without blurring the reconstructions.

@@ -140,7 +140,8 @@ def vae_from_diffusers(config: dict, state_dict: dict[str, Tensor]) -> Autoencod
     """Build our VAE from a diffusers `AutoencoderKL` config dict and state dict (e.g. SD v1.5's `vae/` folder).
 
     The keys go through `DIFFUSERS_VAE_RULES`, e.g. `encoder.down_blocks.1.resnets.0.conv_shortcut.weight` ->
-    `encoder.down.1.res.0.skip.weight`, `decoder.mid_block.attentions.0.to_out.0.bias` -> `decoder.mid.attn.to_out.bias`.
+    `encoder.down.1.res.0.skip.weight`, `decoder.mid_block.attentions.0.to_out.0.bias` ->
+    `decoder.mid.attn.to_out.bias`.
     """
     model = AutoencoderKL(config_from_diffusers(config))
     renamed, origin = rename_keys(state_dict, DIFFUSERS_VAE_RULES)
@@ -200,8 +201,9 @@ DIFFUSERS_UNET_RULES: list[Rule] = [
 UNET_BLOCKS = {"down": ("CrossAttnDownBlock2D", "DownBlock2D"), "up": ("CrossAttnUpBlock2D", "UpBlock2D"),
                "mid": "UNetMidBlock2DCrossAttn"}
 UNET_DEFAULTS = {"center_input_sample": False, "act_fn": "silu", "downsample_padding": 1, "mid_block_scale_factor": 1,
-                 "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "only_cross_attention": False,
-                 "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+                 "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
+                 "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
+                 "addition_embed_type": None,
                  "encoder_hid_dim": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
                  "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "num_class_embeds": None,
                  "timestep_post_act": None, "projection_class_embeddings_input_dim": None, "attention_type": "default",
@@ -221,7 +223,8 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
     down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
     up = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
     if any(t not in UNET_BLOCKS["down"] for t in down) or any(t not in UNET_BLOCKS["up"] for t in up):
-        raise ValueError(f"block types {down} / {up} are not supported: use {UNET_BLOCKS['down']} / {UNET_BLOCKS['up']}")
+        raise ValueError(f"block types {down} / {up} are not supported: "
+                         f"use {UNET_BLOCKS['down']} / {UNET_BLOCKS['up']}")
     attention = tuple(t.startswith("CrossAttn") for t in down)
     if tuple(t.startswith("CrossAttn") for t in reversed(up)) != attention:
         raise ValueError(f"up_block_types {up} must mirror down_block_types {down} (attention at the same levels)")
@@ -233,8 +236,8 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         "cross_attention_dim", "attention_head_dim", "num_attention_heads", "use_linear_projection",
         "transformer_layers_per_block", "dropout"})
     if unknown:
-        raise ValueError(f"unknown diffusers UNet2DConditionModel config keys {unknown}: they may change what the model "
-                         "computes; drop them only if you know they are at a no-op value")
+        raise ValueError(f"unknown diffusers UNet2DConditionModel config keys {unknown}: they may change what the "
+                         "model computes; drop them only if you know they are at a no-op value")
     def one_for_all_levels(key: str, default):
         value = config.get(key, default)
         if isinstance(value, (list, tuple)):
@@ -260,7 +263,8 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
 def unet_from_diffusers(config: dict, state_dict: dict[str, Tensor]) -> UNet:
     """Build our U-Net from a diffusers `UNet2DConditionModel` config dict and state dict (SD v1.5's `unet/`).
 
-    e.g. `down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.weight` -> `down.1.attn.0.blocks.0.ff.proj.weight`.
+    e.g. `down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.weight` ->
+    `down.1.attn.0.blocks.0.ff.proj.weight`.
     """
     model = UNet(unet_config_from_diffusers(config))
     renamed, origin = rename_keys(state_dict, DIFFUSERS_UNET_RULES)

@@ -30,7 +30,9 @@ COLOURS = {
 BACKGROUNDS = {"dark": (30, 30, 34), "light": (225, 225, 220)}
 SIZE_RANGE = (0.18, 0.42)            # the shape's circumradius as a fraction of the image side
 SIZE_WORDS = ((0.26, "small"), (0.34, "medium"), (1.0, "large"))
-POSITION_WORDS = (("top left", "top", "top right"), ("left", "centre", "right"), ("bottom left", "bottom", "bottom right"))
+POSITION_WORDS = (("top left", "top", "top right"),
+                  ("left", "centre", "right"),
+                  ("bottom left", "bottom", "bottom right"))
 SUPERSAMPLE = 4                      # draw at 4x and downsample: anti-aliased edges, like a photo's
 EVAL_SEED = 2024                     # a seed no model trains on: the held-out images and captions of every metric
 OTHER_REAL_SEED = 6060               # a second held-out set, for real-vs-real comparisons

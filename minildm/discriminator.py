@@ -27,7 +27,8 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, num_layers + 1):
             out = width * min(2**i, 8)
             stride = 2 if i < num_layers else 1
-            layers += [nn.Conv2d(channels, out, 4, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(channels, out, 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
             channels = out
         layers.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))    # one logit per patch
         self.net = nn.Sequential(*layers)

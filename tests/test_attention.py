@@ -485,7 +485,8 @@ Q, K, V = random_qkv(16, 2, 3, 5, 7, 8, 4)
     (Q, K, V, dict(key_chunk=0), r"key_chunk must be a positive whole number of rows, got 0"),
     (Q, K, V, dict(key_chunk=2.5), r"key_chunk must be a positive whole number of rows, got 2.5"),
 ], ids=["3-d", "batch", "heads", "k-v-length", "head-dim", "dtypes", "mask-shape", "mask-5-d", "mask-dtype",
-        "mask-int", "no-queries", "no-keys", "slice-bool", "backend", "slice-0", "query-chunk-float", "key-chunk-0", "key-chunk-float"])
+        "mask-int", "no-queries", "no-keys", "slice-bool", "backend", "slice-0", "query-chunk-float", "key-chunk-0",
+        "key-chunk-float"])
 def test_bad_input_is_a_one_line_value_error_that_says_what_was_given(q, k, v, options, match):
     with pytest.raises(ValueError, match=match) as err:
         attention(q, k, v, **options)

@@ -136,10 +136,10 @@ def test_kernel_reads_any_strides_without_a_copy(interpreter):
     batch, heads, n, d = 2, 3, 37, 40
     g = torch.Generator().manual_seed(3)
     x = torch.randn(batch, n, heads * d, generator=g)
-    q = x.view(batch, n, heads, d).transpose(1, 2)                                      # (B, heads, N, d), not contiguous
-    k = torch.randn(batch, heads, d, n, generator=g).transpose(-1, -2)                  # (B, heads, N, d), stride (.., 1, N)
-    v = torch.randn(batch, n, heads, 24, generator=g).transpose(1, 2)                   # (B, heads, N, 24)
-    mask = torch.randn(1, heads, 1, n, generator=g)                                     # (1, heads, 1, N)
+    q = x.view(batch, n, heads, d).transpose(1, 2)                      # (B, heads, N, d), not contiguous
+    k = torch.randn(batch, heads, d, n, generator=g).transpose(-1, -2)  # (B, heads, N, d), stride (.., 1, N)
+    v = torch.randn(batch, n, heads, 24, generator=g).transpose(1, 2)   # (B, heads, N, 24)
+    mask = torch.randn(1, heads, 1, n, generator=g)                     # (1, heads, 1, N)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     out = flash_attention(q, k, v, mask=mask, block_m=16, block_n=16)
     assert_close(out, naive_attention(q, k, v, mask=mask), "strided inputs", atol=1e-5)
@@ -279,8 +279,8 @@ def test_the_kernel_compiles_to_a_cuda_binary_without_a_gpu(compiler, arch, dtyp
     signature = {name: pointer if name.endswith("_ptr") else "fp32" if name == "qk_scale"
                  else "constexpr" if name.isupper() else "i32" for name in kernel.arg_names}
     signature["mask_ptr"] = {"bool": "*u8", "float": pointer, None: pointer}[mask]
-    constants = dict(HAS_MASK=mask is not None, IS_BOOL=mask == "bool", BLOCK_M=64, BLOCK_N=64 if dtype != "fp32" else 32,
-                     BLOCK_D=64, BLOCK_DV=64)
+    constants = dict(HAS_MASK=mask is not None, IS_BOOL=mask == "bool", BLOCK_M=64,
+                     BLOCK_N=64 if dtype != "fp32" else 32, BLOCK_D=64, BLOCK_DV=64)
     compiled = triton.compile(compiler_module.ASTSource(fn=kernel, signature=signature, constexprs=constants),
                               target=gpu_target("cuda", arch, 32))
     assert "ex2.approx" in compiled.asm["ptx"], "the softmax should compile to the GPU's exp2 instruction"

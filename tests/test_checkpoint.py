@@ -63,7 +63,8 @@ def test_load_strict_names_missing_unexpected_and_wrongly_shaped_keys():
     with pytest.raises(ValueError) as err:
         load_strict(tiny_vae(), state, "my-file.safetensors")
     message = str(err.value)
-    for words in ("my-file.safetensors", "encoder.conv_in.bias", "encoder.surprise.weight", "decoder.conv_out.weight", "(3, 8, 1, 1)"):
+    for words in ("my-file.safetensors", "encoder.conv_in.bias", "encoder.surprise.weight", "decoder.conv_out.weight",
+                  "(3, 8, 1, 1)"):
         assert words in message, f"{words!r} not in: {message}"
 
 
@@ -122,7 +123,8 @@ def fail_in_save_file(tensors, path, *args, **kwargs):
 
 
 def fail_on_os_replace_call(n: int):
-    """os.replace that works n - 1 times and then fails: n = 1 fails moving the old folder aside, n = 2 fails the swap in."""
+    """os.replace that works n - 1 times and then fails: n = 1 fails moving the old folder aside,
+    n = 2 fails the swap in."""
     real, calls = os.replace, []
 
     def replace(src, dst, *args, **kwargs):

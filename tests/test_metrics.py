@@ -9,8 +9,16 @@ import torch
 
 from minildm.data import BACKGROUNDS, EVAL_SEED, ShapesDataset, position_word, render, size_word
 from minildm.judge import FACTORS, HELDOUT_SEED, TRAIN_SEED
-from minildm.metrics import (count_objects, evaluate_pipeline, frechet_distance, judge_accuracy, judge_features,
-                             prompt_attributes, prompt_following, read_attributes)
+from minildm.metrics import (
+    count_objects,
+    evaluate_pipeline,
+    frechet_distance,
+    judge_accuracy,
+    judge_features,
+    prompt_attributes,
+    prompt_following,
+    read_attributes,
+)
 from minildm.pretrained import JUDGES, load_judge
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,15 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 
 import pytest
 import torch
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
 from minildm.checkpoint import save_model
-from minildm.pipeline import (LatentDiffusion, guided_model_fn, guided_output, img2img_start, mismatches,
-                              save_pipeline)
+from minildm.pipeline import LatentDiffusion, guided_model_fn, guided_output, img2img_start, mismatches, save_pipeline
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import make_sampler
 from minildm.schedule import NoiseSchedule
@@ -300,7 +298,8 @@ def with_value(value: float) -> torch.Tensor:
      r"image must hold floats in \[-1, 1\], got dtype torch.uint8; map 0..255 pixels with x.float\(\) / 127.5 - 1"),
     (lambda p: p.inpaint(images(), mask_with(1.0).to(torch.uint8), "a red circle"),
      "mask must be bool or float .*got dtype torch.uint8"),
-    (lambda p: p.inpaint(images(), mask_with(1.0).tolist(), "a red circle"), r"mask must be a torch.Tensor .*got a list"),
+    (lambda p: p.inpaint(images(), mask_with(1.0).tolist(), "a red circle"),
+     r"mask must be a torch.Tensor .*got a list"),
 ])
 def test_a_wrong_type_is_a_one_line_type_error_naming_what_was_given_and_what_is_expected(pipe, call, message):
     with pytest.raises(TypeError, match=message) as err:

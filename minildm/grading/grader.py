@@ -227,7 +227,8 @@ def repair_imports(sandbox: Path, python: str, timeout: float) -> tuple[dict[str
                                  text=True, timeout=timeout, env=child_env(sandbox), check=False)
             found = json.loads(run.stdout.strip().splitlines()[-1])
         except subprocess.TimeoutExpired:
-            found = {m: {"file": None, "line": 0, "error": f"importing it took more than {timeout:g} s"} for m in modules}
+            slow = f"importing it took more than {timeout:g} s"
+            found = {m: {"file": None, "line": 0, "error": slow} for m in modules}
         except (json.JSONDecodeError, IndexError):
             return broken, [f"the import check failed: {run.stderr.strip()[-500:]}"]
         failures = [f for f in found.values() if f]

@@ -111,8 +111,9 @@ TASKS: dict[str, Task] = {t.id: t for t in [
     Task("ch06.training_loss", "the training loss of one step",
          "build z_t from the clean latents with schedule.q_sample and the noise you are given (draw none of your "
          "own), ask the denoiser about (z_t, t, ids), and take the mean over the batch and every element of the "
-         "squared difference to schedule.training_target (eps, z_0 or v, as schedule.prediction_type says); compute it in "
-         "float32 even when the model answers in bfloat16 or float16, and keep the graph so gradients reach the "
+         "squared difference to schedule.training_target (eps, z_0 or v, as schedule.prediction_type says); "
+         "compute it in float32 even when the model answers in bfloat16 or float16, and keep the graph so "
+         "gradients reach the "
          "denoiser: one scalar",
          "The training step, in one line of math"),
     Task("ch08.cfg_combine", "classifier-free guidance",
@@ -155,5 +156,6 @@ def chapter_ids(names: list[str] | None) -> list[str]:
     known = chapters()
     for name in names or []:
         if name not in known:
-            raise ValueError(f"unknown chapter {name!r} for --use-reference-for; chapters with tasks: {', '.join(known)}")
+            raise ValueError(f"unknown chapter {name!r} for --use-reference-for; "
+                             f"chapters with tasks: {', '.join(known)}")
     return list(names or [])

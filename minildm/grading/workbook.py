@@ -36,8 +36,9 @@ IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_
 TEXT_SUFFIXES = {".py", ".md", ".ipynb", ".toml", ".txt", ".json", ".cfg", ".ini"}
 MIN_LEAK_LENGTH = 6       # shorter lines (")", "else:") say nothing about a solution
 
-CONFTEST = '''"""Written by `minildm workbook build`: `pytest` run in this folder tests this folder's minildm (your code), even
-when another minildm is installed (pytest puts the folder of a root conftest.py first on sys.path)."""
+CONFTEST = '''"""Written by `minildm workbook build`: `pytest` run in this folder tests this folder's minildm
+(your code), even when another minildm is installed (pytest puts the folder of a root conftest.py first on
+sys.path)."""
 '''
 
 

@@ -18,9 +18,15 @@ pytestmark = pytest.mark.oracle
 
 # name -> (diffusers AutoencoderKL options, image height, width); every size non-square on purpose
 CONFIGS = {
-    "sd_v1_layout_reduced_width": (dict(block_out_channels=(32, 64, 64, 64), layers_per_block=2, norm_num_groups=32), 24, 32),
+    "sd_v1_layout_reduced_width": (
+        dict(block_out_channels=(32, 64, 64, 64), layers_per_block=2, norm_num_groups=32),
+        24, 32,
+    ),
     "three_levels_one_resblock": (dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8), 16, 24),
-    "no_mid_attention": (dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False), 16, 24),
+    "no_mid_attention": (
+        dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False),
+        16, 24,
+    ),
     "no_quant_convs_8_latent_channels": (
         dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=8,
              use_quant_conv=False, use_post_quant_conv=False),
@@ -62,7 +68,8 @@ def assert_matches(ours: torch.Tensor, reference: torch.Tensor, what: str, atol:
     err = diff.max().item()
     rel = err / max(reference.abs().max().item(), 1e-12)
     where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    assert err <= atol, f"{what}: max abs error {err:.3g} at {where} (relative {rel:.3g}) > {atol:g}; shape {tuple(reference.shape)}"
+    assert err <= atol, (f"{what}: max abs error {err:.3g} at {where} (relative {rel:.3g}) > {atol:g}; "
+                         f"shape {tuple(reference.shape)}")
 
 
 def assert_same_function(ours, reference, name: str, label: str):

@@ -105,7 +105,8 @@ def test_naive_attention_in_half_precision_with_large_logits_stays_finite(monkey
     out = attn.naive_attention(q, k, v, 1.0)
     expected = by_definition(q, k, v, 1.0)                 # from the same rounded inputs, in float64
     if isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
-        fail(NAIVE, f"naive_attention in {dtype} with scores up to {float((q.double() @ k.double().mT).abs().max()):.0f}"
+        biggest = float((q.double() @ k.double().mT).abs().max())
+        fail(NAIVE, f"naive_attention in {dtype} with scores up to {biggest:.0f}"
                     f" gave {int((~torch.isfinite(out)).sum())} non-finite values; take the softmax in float32")
     # half precision keeps ~3 significant digits: the scores are rounded before the softmax sees them
     check_close(out, expected, NAIVE, f"naive_attention in {dtype} with large logits", atol=0.05, rtol=0.02,

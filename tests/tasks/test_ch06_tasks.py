@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from taskcheck import one_thread  # noqa: F401  (the fixture pytestmark uses)
-from taskcheck import check_close, check_number, fail, forbid
+from taskcheck import (
+    check_close,
+    check_number,
+    fail,
+    forbid,
+    one_thread,  # noqa: F401  (the fixture pytestmark uses)
+)
 from torch import nn
 
 from minildm.schedule import NoiseSchedule

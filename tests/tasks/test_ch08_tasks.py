@@ -15,8 +15,12 @@ import math
 
 import pytest
 import torch
-from taskcheck import one_thread  # noqa: F401  (the fixture pytestmark uses)
-from taskcheck import check_close, fail, forbid
+from taskcheck import (
+    check_close,
+    fail,
+    forbid,
+    one_thread,  # noqa: F401  (the fixture pytestmark uses)
+)
 
 from minildm.pipeline import guided_model_fn, guided_output
 from minildm.samplers import img2img_start, make_sampler, sample
