@@ -12,7 +12,13 @@ Start with chapters/01-pixels-and-latents.md, or run `minildm demo`. The modules
     kernels/           ch04  the Triton flash-attention kernel
     unet.py            ch05  the noise predictor: timestep embedding, ResBlocks, cross-attention, the U
     text.py            ch05  the Shapes tokenizer and the causal text encoder
-    train_ldm.py       ch06  training the latent diffusion model
+    training_guards.py ch02  what both trainers check: the run folder, --resume, finite losses and weights
+    ldm_recipe.py      ch06  the training settings, the networks' configs, the Denoiser (U-Net + text encoder)
+    ema.py             ch06  the moving average of the weights that is sampled from
+    distributed.py     ch06  torchrun placement, joining the process group, Ctrl-C on every rank
+    latent_cache.py    ch06  the VAE latents, encoded once, with a record of what made them
+    train_ldm.py       ch06  the loss and the training loop of the latent diffusion model
+    ldm_export.py      ch06  a finished run becomes a pipeline folder
     judge.py           ch06  a small CNN that reads the factors back from an image, to score samples
     metrics.py         ch06  PSNR, prompt following, Frechet distance
     pixel_space.py     ch06  no autoencoder: the pixel-space baseline
