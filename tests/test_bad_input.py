@@ -142,6 +142,23 @@ PARSE_ROWS = [Row(f"cli {' '.join(argv[:1] + argv[-2:])}", cli(*argv), 2, option
 ]]
 
 
+def resume_spoiled_vae_run(ws: Path, spoil: str) -> None:
+    """A VAE run stopped after one step, one of whose checkpoint files is then replaced (by random bytes, or by a
+    pickle under the safetensors name), resumed: what `minildm train-vae --resume` does."""
+    from minildm.train_vae import VAETrainConfig, VAETrainer
+
+    cfg = VAETrainConfig(steps=4, batch_size=4, num_train_images=16, image_size=16, save_every=1, eval_images=8,
+                         scale_images=16)
+    config = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scale_factor=1.0)
+    VAETrainer(cfg, ws / "vae-run", config, progress=False).run(stop_after=1)
+    if spoil == "corrupt":
+        (ws / "vae-run" / "optimizer.safetensors").write_bytes(b"\x00" * 100)
+    else:
+        (ws / "vae-run" / "model.safetensors").unlink()
+        torch.save({"weight": torch.zeros(2)}, ws / "vae-run" / "model.safetensors")
+    VAETrainer(cfg, ws / "vae-run", config, resume=True, progress=False)
+
+
 # ------------------------------------------------------------------------------- the command fails: exit 1
 
 FAIL_ROWS = [
@@ -326,6 +343,10 @@ API_ROWS = [
         "corrupt.safetensors"),
     Row("swap_decoder with a pickle", lambda ws: swap_decoder(AutoencoderKL(AutoencoderConfig.shapes64()),
                                                              ws / "weights.ckpt"), ValueError, "weights.ckpt"),
+    Row("resuming a run whose checkpoint file is corrupt", lambda ws: resume_spoiled_vae_run(ws, "corrupt"),
+        ValueError, "optimizer.safetensors"),
+    Row("resuming a run whose checkpoint holds a pickle", lambda ws: resume_spoiled_vae_run(ws, "pickle"),
+        ValueError, "model.safetensors"),
     Row("a pipeline.json whose VAE climbs out of its parent",
         lambda ws: LatentDiffusion.from_folder(pipeline_with_vae_reference(ws, "../../user-folder")), ValueError,
         "user-folder"),
