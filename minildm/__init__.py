@@ -26,10 +26,10 @@ Start with chapters/01-pixels-and-latents.md, or run `minildm demo`. The modules
     ideal_denoiser.py  ch07  the exact denoiser of a finite set of latents
     pipeline.py        ch08  LatentDiffusion: text-to-image, img2img, inpainting, guidance, save and load
 
-Beside them: checkpoint.py (model folders, written atomically, loaded strictly), convert.py (other people's
-weights, by renaming rules), device.py (CUDA > MPS > CPU, reproducible noise), pretrained.py (the shipped weights
-in assets/); and the tooling: cli.py (the `minildm` command), demo.py, viz.py, quotes.py (the chapters' quotes
-stay true), grading/ (workbooks and the grader).
+Beside them: saving.py (folders written atomically, never over a user's files), checkpoint.py (loaded strictly),
+convert.py (other people's weights, by renaming rules), device.py (CUDA > MPS > CPU, reproducible noise),
+pretrained.py (the shipped weights in assets/); and the tooling: cli.py (the `minildm` command), demo.py, viz.py,
+quotes.py (the chapters' quotes stay true), grading/ (workbooks and the grader).
 """
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, latent_shape

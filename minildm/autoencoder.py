@@ -27,10 +27,9 @@ from minildm.checkpoint import (
     load_state_dict,
     load_strict,
     load_weights_into,
-    parse_json,
     read_safetensors_metadata,
-    save_file_atomically,
 )
+from minildm.saving import parse_json, save_file_atomically
 
 
 @dataclass

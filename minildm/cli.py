@@ -127,7 +127,7 @@ def set_threads(threads: int) -> None:
 def check_export_target(export: str | None, kind: str) -> None:
     """--export is checked before training starts: a folder that cannot take the result (a user's own folder, a
     file) fails now, not after the run. The export itself checks again when it writes."""
-    from minildm.checkpoint import check_replaceable
+    from minildm.saving import check_replaceable
 
     if export:
         check_replaceable(Path(export), kind, keep_old=True, names=set())

@@ -18,11 +18,12 @@ from torch import Tensor
 
 from minildm import manifold, viz
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, compression_ratio, latent_shape
-from minildm.checkpoint import read_config, recover_interrupted_save
+from minildm.checkpoint import read_config
 from minildm.data import COLOURS, SHAPE_KINDS, ShapesDataset
 from minildm.metrics import psnr
 from minildm.pipeline import LatentDiffusion
 from minildm.pretrained import VAES, load_pipeline, load_vae
+from minildm.saving import recover_interrupted_save
 
 DEMO_DATA_SEED = 777  # never used for training
 IMAGE_SIZE = 64       # Shapes' size, the one the shipped pipeline was trained at

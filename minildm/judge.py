@@ -20,15 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minildm.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    config_from_dict,
-    load_weights_into,
-    read_config,
-    write_folder_atomically,
-)
+from minildm.checkpoint import config_from_dict, load_weights_into, read_config
 from minildm.data import BACKGROUNDS, COLOURS, SHAPE_KINDS, ShapesDataset, position_word, size_word
+from minildm.saving import CONFIG_NAME, WEIGHTS_NAME, write_folder_atomically
 
 TRAIN_SEED = 4242     # the judge's training images; the VAE and LDM train on seed 0, evaluation uses 2024
 HELDOUT_SEED = 4343   # the images its reported accuracy is measured on (never trained on)

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from minildm.checkpoint import load_state_dict, read_safetensors_metadata, save_file_atomically
+from minildm.checkpoint import load_state_dict, read_safetensors_metadata
+from minildm.saving import save_file_atomically
 from minildm.train_vae import encode_moments
 
 LATENT_CACHE = "latents.safetensors"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minildm.checkpoint import load_weights_into, read_config, read_json
+from minildm.checkpoint import load_weights_into, read_config
 from minildm.ldm_recipe import ModelConfigs
 from minildm.pipeline import LatentDiffusion, save_pipeline
 from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_vae_folder
+from minildm.saving import read_json
 from minildm.text import SPECIAL_TOKENS, Tokenizer
 from minildm.train_ldm import CHECKPOINT, TRAINER_NAME
 

@@ -23,16 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minildm.autoencoder import AutoencoderKL, check_size_multiple, swap_decoder
-from minildm.checkpoint import (
-    config_from_dict,
-    model_files,
-    read_json,
-    recover_interrupted_save,
-    write_folder_atomically,
-)
+from minildm.checkpoint import config_from_dict
 from minildm.device import cpu_generator, default_dtype, get_device, randn
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, check_strength, img2img_start, make_sampler, sample
+from minildm.saving import model_files, read_json, recover_interrupted_save, write_folder_atomically
 from minildm.schedule import NoiseSchedule
 from minildm.text import SPECIAL_TOKENS, TextEncoder, Tokenizer, split_words, text_encoder_files
 from minildm.unet import UNet

@@ -20,16 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from minildm.attention import MultiHeadAttention
-from minildm.checkpoint import (
-    config_from_dict,
-    load_config,
-    load_weights_into,
-    model_files,
-    read_json,
-    recover_interrupted_save,
-    write_folder_atomically,
-)
+from minildm.checkpoint import config_from_dict, load_config, load_weights_into
 from minildm.data import COLOURS, POSITION_WORDS, SHAPE_KINDS, SIZE_WORDS, ShapeFactors, caption
+from minildm.saving import model_files, read_json, recover_interrupted_save, write_folder_atomically
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")   # ids 0, 1, 2: padding is id 0, so a fresh tensor of zeros is padding
 PAD_ID, BOS_ID, EOS_ID = range(3)

@@ -37,8 +37,6 @@ from minildm.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_config,
-    read_json,
-    write_folder_atomically,
 )
 from minildm.data import ShapesDataset, to_tensor_batch
 from minildm.distributed import (
@@ -54,6 +52,7 @@ from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_
 from minildm.pipeline import LatentDiffusion
 from minildm.pixel_space import PixelSpace
 from minildm.pretrained import load_vae_folder, vae_folder
+from minildm.saving import read_json, write_folder_atomically
 from minildm.schedule import NoiseSchedule
 from minildm.text import Tokenizer
 from minildm.train_vae import apply_learning_rate, step_generator

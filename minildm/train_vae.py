@@ -6,7 +6,7 @@ trustworthy rather than merely working:
 - exact resume: every random draw at step s (which images, which posterior noise) comes from a generator seeded by
   (seed, s), and the Adam moments are saved, so stopping at step 300 and resuming gives the same weights as never
   stopping;
-- atomic checkpoints (see checkpoint.py): an interrupted save keeps the last good folder;
+- atomic checkpoints (see saving.py): an interrupted save keeps the last good folder;
 - a non-finite loss stops training at once, naming the step, and weights with a NaN or inf are never saved
   (training_guards.py, shared with the diffusion trainer).
 
@@ -32,16 +32,12 @@ from minildm.autoencoder import (
     vae_loss,
 )
 from minildm.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     load_state_dict,
     load_weights_into,
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_config,
-    read_json,
     read_safetensors_metadata,
-    write_folder_atomically,
 )
 from minildm.data import EVAL_SEED, ImageFolderDataset, ShapesDataset, to_tensor_batch
 from minildm.device import get_device
@@ -52,6 +48,7 @@ from minildm.discriminator import (
     hinge_d_loss,
 )
 from minildm.metrics import psnr
+from minildm.saving import CONFIG_NAME, WEIGHTS_NAME, read_json, write_folder_atomically
 from minildm.training_guards import (
     check_gradients_finite,
     check_run_folder,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minildm.checkpoint import recover_interrupted_save
+from minildm.saving import recover_interrupted_save
 
 
 def has_checkpoint(folder: Path, resume: bool, marker: str) -> bool:

@@ -134,7 +134,7 @@ def test_same_generator_seed_gives_same_sample():
 
 
 def test_reconstruct_is_decode_of_the_posterior_mean_and_from_folder_round_trips(tmp_path):
-    from minildm.checkpoint import save_model
+    from minildm.saving import save_model
 
     torch.manual_seed(0)
     vae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4)).eval()

@@ -22,12 +22,13 @@ from PIL import Image
 
 from minildm.attention import attention
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, latent_shape, swap_decoder
-from minildm.checkpoint import config_from_dict, load_state_dict, load_strict, read_config, save_model
+from minildm.checkpoint import config_from_dict, load_state_dict, load_strict, read_config
 from minildm.cli import main
 from minildm.ldm_recipe import LDMTrainConfig
 from minildm.pipeline import LatentDiffusion
 from minildm.pretrained import PIPELINES, VAES, load_pipeline
 from minildm.samplers import make_sampler
+from minildm.saving import save_model
 from minildm.schedule import NoiseSchedule
 from minildm.text import Tokenizer
 from minildm.unet import UNet, UNetConfig

@@ -7,17 +7,10 @@ import re
 import pytest
 import torch
 
-from minildm import checkpoint
+from minildm import saving
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    load_state_dict,
-    load_strict,
-    load_weights_into,
-    read_config,
-    save_model,
-)
+from minildm.checkpoint import load_state_dict, load_strict, load_weights_into, read_config
+from minildm.saving import CONFIG_NAME, WEIGHTS_NAME, save_model
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -141,9 +134,9 @@ def test_interrupted_save_leaves_previous_checkpoint_byte_identical_and_no_temp_
     folder = save_model(tmp_path / "vae", tiny_vae(0), tiny_vae(0).config)
     before = snapshot(folder)
     if failure == "save_file":
-        monkeypatch.setattr(checkpoint, "save_file", fail_in_save_file)
+        monkeypatch.setattr(saving, "save_file", fail_in_save_file)
     else:
-        monkeypatch.setattr(checkpoint.os, "replace", fail_on_os_replace_call(int(failure.split()[1])))
+        monkeypatch.setattr(saving.os, "replace", fail_on_os_replace_call(int(failure.split()[1])))
     with pytest.raises(OSError, match="simulated"):
         save_model(folder, tiny_vae(1), tiny_vae(1).config)
     monkeypatch.undo()

@@ -17,9 +17,9 @@ from PIL import Image
 
 from minildm import demo
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
-from minildm.checkpoint import save_model
 from minildm.cli import main, read_image, read_mask
 from minildm.pipeline import LatentDiffusion, save_pipeline
+from minildm.saving import save_model
 from minildm.schedule import NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer
 from minildm.unet import UNet, UNetConfig

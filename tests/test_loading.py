@@ -1,8 +1,8 @@
 """Loading and saving folders (issue 13): nothing the user had is lost, and what is loaded is exactly what was saved.
 
-Each test states one promise of checkpoint.py (or of the loaders built on it) and breaks it on purpose: a user's
-file in the way, a crash between the two renames of a save, a config missing a field, int weights, invalid JSON, a
-pipeline.json pointing out of its folder, a corrupt VAE file.
+Each test states one promise of saving.py and checkpoint.py (or of the loaders built on them) and breaks it on
+purpose: a user's file in the way, a crash between the two renames of a save, a config missing a field, int weights,
+invalid JSON, a pipeline.json pointing out of its folder, a corrupt VAE file.
 """
 
 from __future__ import annotations
@@ -22,18 +22,17 @@ import torch
 
 from minildm import checkpoint
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file, swap_decoder
-from minildm.checkpoint import (
+from minildm.checkpoint import load_strict, read_config
+from minildm.pipeline import LatentDiffusion, save_pipeline
+from minildm.saving import (
     CONFIG_NAME,
     MANIFEST_KEY,
     WEIGHTS_NAME,
-    load_strict,
-    read_config,
     read_json,
     recover_interrupted_save,
     save_model,
     write_folder_atomically,
 )
-from minildm.pipeline import LatentDiffusion, save_pipeline
 from minildm.schedule import NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer
 from minildm.unet import UNet, UNetConfig

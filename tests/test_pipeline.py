@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
-from minildm.checkpoint import save_model
 from minildm.pipeline import LatentDiffusion, guided_model_fn, guided_output, img2img_start, mismatches, save_pipeline
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import make_sampler
+from minildm.saving import save_model
 from minildm.schedule import NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer, save_text_encoder
 from minildm.unet import UNet, UNetConfig

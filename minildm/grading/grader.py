@@ -30,7 +30,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minildm.checkpoint import read_json
 from minildm.grading.regions import (
     RegionError,
     find_regions,
@@ -40,6 +39,7 @@ from minildm.grading.regions import (
 from minildm.grading.tasks import TASKS, Task, chapter_ids, select
 from minildm.grading.workbook import IGNORED, MANIFEST
 from minildm.quotes import REPO_ROOT
+from minildm.saving import read_json
 
 HERE = Path(__file__).resolve().parent
 PLUGIN = "minildm_grade_plugin"

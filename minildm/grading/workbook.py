@@ -18,7 +18,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from minildm.checkpoint import free_old_name, parse_json
 from minildm.grading.regions import (
     Region,
     RegionError,
@@ -29,6 +28,7 @@ from minildm.grading.regions import (
 )
 from minildm.grading.tasks import TASKS, Task, select
 from minildm.quotes import REPO_ROOT, sync
+from minildm.saving import free_old_name, parse_json
 
 MANIFEST = ".minildm-workbook.json"
 COPIED = ["minildm", "tests", "chapters", "notebooks", "README.md", "pyproject.toml"]
