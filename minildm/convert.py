@@ -271,6 +271,126 @@ def unet_from_diffusers(config: dict, state_dict: dict[str, Tensor]) -> UNet:
     return load_renamed(model, renamed, origin, "diffusers UNet2DConditionModel state dict")
 
 
+# ------------------------------------------------------------------------------------------------ CompVis U-Net
+
+# The transformer blocks inside a CompVis SpatialTransformer are spelled as diffusers' (attn1.to_q, ff.net.2, ...).
+TRANSFORMER_RULES: list[Rule] = [
+    (r"\.transformer_blocks\.", ".blocks."),
+    (r"\.to_out\.0\.", ".to_out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj."),
+    (r"\.ff\.net\.2\.", ".ff.out."),
+]
+# The ResBlock's inner layers are numbered Sequentials in CompVis: in_layers = (norm, SiLU, conv), emb_layers =
+# (SiLU, Linear), out_layers = (norm, SiLU, dropout, conv). Only the numbers of layers with weights appear.
+COMPVIS_RESBLOCK_RULES: list[Rule] = [
+    (r"\.in_layers\.0\.", ".norm1."),
+    (r"\.in_layers\.2\.", ".conv1."),
+    (r"\.emb_layers\.1\.", ".time_proj."),
+    (r"\.out_layers\.0\.", ".norm2."),
+    (r"\.out_layers\.3\.", ".conv2."),
+    (r"\.skip_connection\.", ".skip."),
+]
+
+
+def compvis_unet_rules(config: UNetConfig) -> list[Rule]:
+    """CompVis -> ours. CompVis numbers the U-Net's blocks in one flat list per path, in the order they run:
+
+    input_blocks.0 is conv_in; then each level has layers_per_block blocks (a ResBlock at .0, its transformer at .1
+    if the level attends) and, except the last level, one more block holding only the downsample (.0.op). So with
+    L = layers_per_block, input block k >= 1 is level (k-1) // (L+1), layer (k-1) % (L+1); SD 1 (L = 2):
+    input_blocks.4 -> level 1, layer 0; input_blocks.6 -> level 1's downsample. The way up has L+1 layers per level
+    and no separate downsample block: output block k is level k // (L+1), layer k % (L+1), and the level's last
+    block ends with the upsample (.1.conv, or .2.conv after a transformer).
+    """
+    per_level = config.layers_per_block + 1
+
+    def down(m: re.Match, what: str) -> str:
+        level, layer = divmod(int(m[1]) - 1, per_level)
+        return f"down.{level}.{what.format(layer=layer)}."
+
+    def up(m: re.Match, what: str) -> str:
+        level, layer = divmod(int(m[1]), per_level)
+        return f"up.{level}.{what.format(layer=layer)}."
+
+    return [
+        (r"^time_embed\.(0|2)\.", r"time_mlp.\1."),                                # Linear, SiLU, Linear
+        (r"^input_blocks\.0\.0\.", "conv_in."),
+        (r"^input_blocks\.(\d+)\.0\.op\.", lambda m: down(m, "resample.conv")),
+        (r"^input_blocks\.(\d+)\.0\.", lambda m: down(m, "res.{layer}")),
+        (r"^input_blocks\.(\d+)\.1\.", lambda m: down(m, "attn.{layer}")),
+        (r"^middle_block\.0\.", "mid.res1."),
+        # ResBlock, transformer, ResBlock; a U-Net without the middle transformer would have its res2 at .1
+        (r"^middle_block\.1\.", "mid.attn." if config.mid_attention else "mid.res2."),
+        (r"^middle_block\.2\.", "mid.res2."),
+        (r"^output_blocks\.(\d+)\.0\.", lambda m: up(m, "res.{layer}")),
+        (r"^output_blocks\.(\d+)\.[12]\.conv\.", lambda m: up(m, "resample.conv")),  # a transformer has no .conv
+        (r"^output_blocks\.(\d+)\.1\.", lambda m: up(m, "attn.{layer}")),
+        (r"^out\.0\.", "norm_out."),                                                 # GroupNorm, SiLU, conv
+        (r"^out\.2\.", "conv_out."),
+        *COMPVIS_RESBLOCK_RULES,
+        *TRANSFORMER_RULES,
+    ]
+
+
+COMPVIS_UNET_PREFIX = "model.diffusion_model."
+COMPVIS_EMA_PREFIX = "model_ema."
+# Keys of a whole SD single file that are not the U-Net: the VAE, the text encoder, the EMA copy when not chosen,
+# and the training-time DDPM schedule buffers (our samplers compute the schedule from the config).
+COMPVIS_OTHER_PARTS = ("first_stage_model.", "cond_stage_model.", COMPVIS_EMA_PREFIX)
+COMPVIS_DDPM_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
+}
+
+
+def compvis_ema_key(key: str) -> str:
+    """CompVis' EMA copy flattens a name by dropping its dots (LitEma): model.diffusion_model.out.0.weight ->
+    model_ema.diffusion_modelout0weight."""
+    return COMPVIS_EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+
+
+def compvis_unet_weights(state_dict: dict[str, Tensor], ema: bool = False) -> dict[str, Tensor]:
+    """The U-Net's own keys (without `model.diffusion_model.`) out of a whole SD file, or of a bare U-Net dict.
+
+    With `ema=True` each U-Net tensor is taken from the file's EMA copy instead (the weights SD samples with).
+    """
+    if not any(k.startswith(COMPVIS_UNET_PREFIX) for k in state_dict):
+        if ema:
+            raise ValueError("ema=True needs a whole SD file with model.diffusion_model. and model_ema. keys; this "
+                             "state dict holds no model.diffusion_model. key: load it with ema=False")
+        return dict(state_dict)                                         # a bare U-Net: every key must be explained
+    unet = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(COMPVIS_UNET_PREFIX):
+            if ema:
+                ema_key = compvis_ema_key(key)
+                if ema_key not in state_dict:
+                    raise ValueError(f"ema=True but the file has no EMA copy {ema_key!r} of {key!r}; load it with "
+                                     "ema=False (its EMA weights may have been pruned or already merged)")
+                tensor = state_dict[ema_key]
+            unet[key[len(COMPVIS_UNET_PREFIX):]] = tensor
+        elif not (key.startswith(COMPVIS_OTHER_PARTS) or key in COMPVIS_DDPM_BUFFERS):
+            raise ValueError(f"key {key!r} is neither the U-Net ({COMPVIS_UNET_PREFIX}...) nor a part we know to skip "
+                             f"({', '.join(COMPVIS_OTHER_PARTS)}, the DDPM buffers); is this an SD 1/2 checkpoint?")
+    return unet
+
+
+def unet_from_compvis(config: UNetConfig, state_dict: dict[str, Tensor], ema: bool = False) -> UNet:
+    """Build our U-Net from the original CompVis / SD single-file layout (`v1-5-pruned.ckpt`, `v2-1_768.safetensors`).
+
+    `state_dict` is a whole SD file (the U-Net's keys start with "model.diffusion_model."; the VAE, text encoder,
+    DDPM buffers and unchosen EMA copy are skipped) or the U-Net's keys alone. The config says what the file
+    cannot: SD 1 is `UNetConfig()`, SD 2 has heads of 64 channels, linear projections and 1024-wide context.
+    e.g. `input_blocks.4.1.transformer_blocks.0.ff.net.2.weight` -> `down.1.attn.0.blocks.0.ff.out.weight`.
+    """
+    renamed, origin = rename_keys(compvis_unet_weights(state_dict, ema), compvis_unet_rules(config))
+    source = "CompVis U-Net state dict" + (" (EMA weights)" if ema else "")
+    return load_renamed(UNet(config), renamed, origin, source)
+
+
 __all__ = ["DIFFUSERS_LEVEL_RULES", "DIFFUSERS_UNET_RULES", "DIFFUSERS_VAE_RULES", "compvis_vae_rules",
            "config_from_diffusers", "unet_config_from_diffusers", "unet_from_diffusers", "vae_from_compvis",
-           "vae_from_diffusers"]
+           "vae_from_diffusers",
+           "COMPVIS_RESBLOCK_RULES", "TRANSFORMER_RULES", "compvis_unet_rules", "compvis_unet_weights",
+           "unet_from_compvis"]
