@@ -376,6 +376,50 @@ def compvis_unet_weights(state_dict: dict[str, Tensor], ema: bool = False) -> di
     return unet
 
 
+def unet_config_from_compvis(state_dict: dict[str, Tensor], heads: int | tuple[int, ...] | None = None,
+                             norm_num_groups: int = 32) -> UNetConfig:
+    """Read a CompVis U-Net's config off its tensors' shapes (a whole SD file or the U-Net's keys alone).
+
+    Channels come from each level's first ResBlock, the levels from the downsamples (.op), layers_per_block from
+    the number of input blocks (1 + levels * layers + levels - 1), attention from which blocks have a proj_in,
+    linear projections from proj_in's rank, the context width from attn2.to_k. Two things have no tensor: the
+    GroupNorm groups (SD: 32), and the heads, which only split the channels. `heads=None` takes SD's: 8 for SD 1's
+    768-wide CLIP context, heads of 64 channels for SD 2's 1024-wide OpenCLIP context; give them for any other.
+    """
+    unet = compvis_unet_weights(state_dict)
+    try:
+        conv_in = unet["input_blocks.0.0.weight"]
+        out_channels = unet["out.2.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"no {err.args[0]!r} key: this is not a CompVis U-Net state dict (input_blocks, "
+                         "middle_block, output_blocks)") from None
+    levels = 1 + sum(re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k) is not None for k in unet)
+    blocks = 1 + max(int(m[1]) for k in unet if (m := re.match(r"input_blocks\.(\d+)\.", k)))
+    layers_per_block = (blocks - levels) // levels
+    first_blocks = [1 + level * (layers_per_block + 1) for level in range(levels)]
+    channels = tuple(unet[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] for k in first_blocks)
+    attention_levels = tuple(f"input_blocks.{k}.1.proj_in.weight" in unet for k in first_blocks)
+    proj_in = [v for k, v in unet.items() if k.endswith(".proj_in.weight")]
+    to_k = [v for k, v in unet.items() if k.endswith(".attn2.to_k.weight")]
+    if not proj_in or not to_k:
+        raise ValueError("the U-Net has no SpatialTransformer (no proj_in / attn2.to_k keys): build its UNetConfig "
+                         "yourself and call unet_from_compvis")
+    first_attention = next(k for k in unet if k.endswith(".proj_in.weight")).removesuffix("proj_in.weight")
+    depth = len({k for k in unet if k.startswith(first_attention + "transformer_blocks.")
+                 and k.endswith(".attn2.to_k.weight")})
+    context_dim = to_k[0].shape[1]
+    if heads is None:
+        if context_dim not in (768, 1024):
+            raise ValueError(f"the context is {context_dim} wide, neither SD 1's 768 nor SD 2's 1024: the number of "
+                             "heads cannot be read off the tensors; pass heads=")
+        heads = 8 if context_dim == 768 else tuple(c // 64 for c in channels)
+    return UNetConfig(in_channels=conv_in.shape[1], out_channels=out_channels, block_out_channels=channels,
+                      layers_per_block=layers_per_block, attention_levels=attention_levels,
+                      mid_attention="middle_block.1.proj_in.weight" in unet, heads=heads, transformer_depth=depth,
+                      context_dim=context_dim, norm_num_groups=norm_num_groups,
+                      use_linear_projection=proj_in[0].ndim == 2)
+
+
 def unet_from_compvis(config: UNetConfig, state_dict: dict[str, Tensor], ema: bool = False) -> UNet:
     """Build our U-Net from the original CompVis / SD single-file layout (`v1-5-pruned.ckpt`, `v2-1_768.safetensors`).
 
@@ -393,4 +437,4 @@ __all__ = ["DIFFUSERS_LEVEL_RULES", "DIFFUSERS_UNET_RULES", "DIFFUSERS_VAE_RULES
            "config_from_diffusers", "unet_config_from_diffusers", "unet_from_diffusers", "vae_from_compvis",
            "vae_from_diffusers",
            "COMPVIS_RESBLOCK_RULES", "TRANSFORMER_RULES", "compvis_unet_rules", "compvis_unet_weights",
-           "unet_from_compvis"]
+           "unet_config_from_compvis", "unet_from_compvis"]
