@@ -38,11 +38,12 @@ MAX_LENGTH = 77                       # CLIP's context: start + 75 tokens + end
 N_MERGES = 49152 - 256 - 2            # CLIP used the first 48,894 merges: 512 byte symbols + merges + 2 specials
                                       # make a vocabulary of 49,408 ids
 
-# The pre-tokenizer: the specials whole, the common English contractions ('s 't 're 've 'm 'll 'd) as their own
-# pieces, runs of letters (any script), single digits ("1990" is four tokens), and runs of anything else that is
-# neither space, letter nor digit (punctuation, emoji). Whitespace matches nothing, so it disappears here.
-PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                        regex.IGNORECASE)
+# The pre-tokenizer: the common English contractions ('s 't 're 've 'm 'll 'd) as their own pieces, runs of letters
+# (any script), single digits ("1990" is four tokens), and runs of anything else that is neither space, letter nor
+# digit (punctuation, emoji). Whitespace matches nothing, so it disappears here. CLIP's own pattern also starts with
+# the two specials; we cut them out before this pattern runs, so they are left out, and "<|ENDOFTEXT|>" in capitals
+# becomes plain "<|", "endoftext", "|>" pieces after lower-casing, exactly as in transformers.
+PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 
 @lru_cache(maxsize=None)
@@ -64,8 +65,10 @@ def bytes_to_unicode() -> dict[int, str]:
 def clean_text(text: str) -> str:
     """What CLIP sees: Unicode NFC (an accent joined to its letter), every run of whitespace one space, lower case.
     (OpenAI's code also runs ftfy to repair broken text; transformers skips it, and so do we.)"""
-    text = unicodedata.normalize("NFC", text)
-    return regex.sub(r"\s+", " ", text).lower()
+    text = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text))
+    # One character at a time, as transformers' (Rust) normalizer lowers: Python's text.lower() would turn a word's
+    # final capital sigma into 'ς' and "ΟΔΟΣ" into other ids than diffusers gets; per character it is 'σ' everywhere.
+    return "".join(char.lower() for char in text)
 
 
 def read_clip_merges(path=VOCAB_GZ) -> list[tuple[str, str]]:
@@ -101,7 +104,13 @@ class CLIPTokenizer:
         self.max_length = max_length
         self.byte_symbol = bytes_to_unicode()                                   # byte -> printable character
         self.symbol_byte = {s: b for b, s in self.byte_symbol.items()}          # and back, for decode
-        self.cache = {START: [START], END: [END]}                # pre-token -> BPE tokens; specials stay whole
+        self.cache = {}                                          # pre-token (byte symbols) -> its BPE tokens
+        # The special tokens are cut out of the raw text before anything else and kept whole, as transformers does
+        # with its "added tokens". With SD 2's pad token "!" that means every "!" in a prompt is id 0 (not "!</w>",
+        # 256) and "what?!" is three tokens, not two: a quirk, but the ids SD 2 was trained with through diffusers.
+        self.specials = list(dict.fromkeys([START, END, pad_token]))
+        longest_first = sorted(self.specials, key=len, reverse=True)
+        self.special_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in longest_first) + ")")
 
     @property
     def vocab_size(self) -> int:
@@ -167,11 +176,15 @@ class CLIPTokenizer:
         return symbols
 
     def tokenize(self, text: str) -> list[str]:
-        """Text -> token strings: clean, cut into pre-tokens, show each as byte symbols, run BPE on each."""
+        """Text -> token strings: cut out the specials, clean the rest, cut it into pre-tokens, show each as byte
+        symbols, run BPE on each."""
         tokens = []
-        for piece in PATTERN.findall(clean_text(text)):
-            symbols = piece if piece in (START, END) else "".join(self.byte_symbol[b] for b in piece.encode("utf-8"))
-            tokens.extend(self.bpe(symbols))
+        for part in self.special_pattern.split(text):            # "hi!" -> ["hi", "!", ""] when "!" is special
+            if part in self.specials:
+                tokens.append(part)
+                continue
+            for piece in PATTERN.findall(clean_text(part)):
+                tokens.extend(self.bpe("".join(self.byte_symbol[b] for b in piece.encode("utf-8"))))
         return tokens
 
     def encode(self, text: str) -> list[int]:

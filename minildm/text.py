@@ -14,7 +14,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ def caption_words() -> list[str]:
     return sorted(set(split_words(caption({"objects": objects}))))  # joined by "and", so "and" is in too
 
 
+@runtime_checkable
 class PromptTokenizer(Protocol):
     """What the pipeline asks of a tokenizer, whichever it is (this file's Shapes words, or CLIP's BPE in
     clip_tokenizer.py): prompts -> ids (B, max_length), and the vocabulary's size for the encoder's embedding.
