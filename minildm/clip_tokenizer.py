@@ -107,7 +107,8 @@ class CLIPTokenizer:
         self.cache = {}                                          # pre-token (byte symbols) -> its BPE tokens
         # The special tokens are cut out of the raw text before anything else and kept whole, as transformers does
         # with its "added tokens". With SD 2's pad token "!" that means every "!" in a prompt is id 0 (not "!</w>",
-        # 256) and "what?!" is three tokens, not two: a quirk, but the ids SD 2 was trained with through diffusers.
+        # 256) and "what?!" is three tokens, not two. A quirk of transformers, kept so that our ids equal diffusers';
+        # SD 2 itself was trained through open_clip's tokenizer, to which "!" is an ordinary token.
         self.specials = list(dict.fromkeys([START, END, pad_token]))
         longest_first = sorted(self.specials, key=len, reverse=True)
         self.special_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in longest_first) + ")")
@@ -117,11 +118,11 @@ class CLIPTokenizer:
         return len(self.vocab)
 
     @classmethod
-    def shipped(cls) -> "CLIPTokenizer":
+    def shipped(cls, pad_token: str = END) -> "CLIPTokenizer":
         """CLIP's own vocabulary, shipped with minildm (a single-file checkpoint carries no tokenizer). Pads with
-        the end token, as SD 1 does."""
+        the end token, as SD 1's tokenizer does; SD 2's pads with "!" (id 0): `shipped(pad_token="!")`."""
         merges = read_clip_merges()
-        return cls({token: i for i, token in enumerate(clip_vocab(merges))}, merges)
+        return cls({token: i for i, token in enumerate(clip_vocab(merges))}, merges, pad_token=pad_token)
 
     @classmethod
     def from_folder(cls, folder) -> "CLIPTokenizer":
@@ -137,12 +138,13 @@ class CLIPTokenizer:
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
             raise ValueError(f"{folder / 'vocab.json'}: expected {{token: id, ...}}; restore the file from the "
                              f"pipeline it came from")
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        bad = [line for line, pair in zip(lines, merges) if len(pair) != 2]
-        if bad or any(len(pair) != 2 for pair in merges):
+        lines = [line for line in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+                 if line and not line.startswith("#version")]                   # "#version: 0.2", then "i n", ...
+        bad = [line for line in lines if len(line.split()) != 2]
+        if bad:
             raise ValueError(f"{folder / 'merges.txt'}: every line after '#version' must be two symbols separated by "
-                             f"a space, got {bad[:1] or 'another line'}; restore the file from its pipeline")
+                             f"a space, got {bad[0]!r:.40}; restore the file from the pipeline it came from")
+        merges = [tuple(line.split()) for line in lines]
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):    # the second wins, as in transformers
             if (folder / name).is_file():

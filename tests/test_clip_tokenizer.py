@@ -101,6 +101,7 @@ def test_sd2_folder_pads_with_id_0_like_transformers(folders, theirs):
     assert torch.equal(ids, their_ids(theirs["sd2"], PROMPTS))
     assert ids[0].tolist() == [49406, 49407] + [0] * 75           # the empty prompt: start, end, then "!" padding
     assert sd2.encode("what?!") == [768, 286, 0]                  # the pad token "!" is cut out whole, as in diffusers
+    assert torch.equal(CLIPTokenizer.shipped(pad_token="!")(PROMPTS), ids)
 
 
 def test_prompt_past_77_tokens_keeps_75_tokens_and_the_end_token(ours):
@@ -170,3 +171,11 @@ def test_non_string_prompts_are_refused(ours):
         ours([1, 2])
     with pytest.raises(ValueError, match="prompts must be a str"):
         ours([])
+
+
+def test_folder_with_a_broken_merges_line_is_one_clear_line(folders, tmp_path):
+    (tmp_path / "vocab.json").write_bytes((folders["sd1"] / "vocab.json").read_bytes())
+    (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nt h e\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="merges.txt: every line .* got 't h e'") as error:
+        CLIPTokenizer.from_folder(tmp_path)
+    assert "\n" not in str(error.value)
