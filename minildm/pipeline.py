@@ -29,7 +29,7 @@ from minildm.pixel_space import PixelSpace
 from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, check_strength, img2img_start, make_sampler, sample
 from minildm.saving import model_files, read_json, recover_interrupted_save, write_folder_atomically
 from minildm.schedule import NoiseSchedule
-from minildm.text import SPECIAL_TOKENS, TextEncoder, Tokenizer, split_words, text_encoder_files
+from minildm.text import SPECIAL_TOKENS, TextEncoder, Tokenizer, text_encoder_files
 from minildm.unet import UNet
 
 PIPELINE_NAME = "pipeline.json"
@@ -186,7 +186,8 @@ class LatentDiffusion:
             raise TypeError(f"{what} must be a str or a list of str, got {kind_of(prompts)}; e.g. \"a red circle\"")
         if not prompts:
             raise ValueError(f"{what} is an empty list; give at least one prompt (\"\" is the empty prompt)")
-        unknown = sorted({w for p in prompts for w in split_words(p) if w not in self.tokenizer.ids})
+        unknown_words = getattr(self.tokenizer, "unknown_words", None)      # only word tokenizers have one
+        unknown = unknown_words(prompts) if unknown_words is not None else []
         if unknown:
             known = self.tokenizer.words[len(SPECIAL_TOKENS):]
             raise ValueError(f"unknown words {', '.join(map(repr, unknown))} in the {what}; this text encoder knows "

@@ -14,7 +14,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,21 @@ def caption_words() -> list[str]:
     objects = [ShapeFactors(kind, colour, size, x, y, 0.0)
                for kind, colour, size, x, y in itertools.product(SHAPE_KINDS, COLOURS, sizes, thirds, thirds)]
     return sorted(set(split_words(caption({"objects": objects}))))  # joined by "and", so "and" is in too
+
+
+@runtime_checkable
+class PromptTokenizer(Protocol):
+    """What the pipeline asks of a tokenizer, whichever it is (this file's Shapes words, or CLIP's BPE in
+    clip_tokenizer.py): prompts -> ids (B, max_length), and the vocabulary's size for the encoder's embedding.
+    A tokenizer that can meet a word it does not know also has `unknown_words(prompts) -> list[str]`, which the
+    pipeline calls to refuse such prompts up front; CLIP's byte-level BPE knows every string and has none."""
+
+    max_length: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def __call__(self, prompts: str | Sequence[str]) -> Tensor: ...
 
 
 class TokenBatch(NamedTuple):
@@ -89,6 +104,14 @@ class Tokenizer:
                                  f"has {self.vocab_size} words (closest: {', '.join(close) or 'none'}); extend it with "
                                  f"Tokenizer(extra_words=[{word!r}]) and train the encoder with it")
         return [self.ids[word] for word in words]
+
+    def unknown_words(self, prompts: Sequence[str]) -> list[str]:
+        """The words of `prompts` that are not in the vocabulary, sorted, without repeats."""
+        return sorted({word for prompt in prompts for word in split_words(prompt) if word not in self.ids})
+
+    def __call__(self, prompts: str | Sequence[str]) -> Tensor:
+        """Prompts -> ids (B, L), the PromptTokenizer interface."""
+        return self.encode(prompts).ids
 
     def encode(self, prompts: str | Sequence[str]) -> TokenBatch:
         """Prompts -> ids and mask, (B, L). A single string is a batch of one; "" is the empty prompt of CFG."""
@@ -214,11 +237,11 @@ class TextEncoder(nn.Module):
             raise ValueError(f"ids must lie in [0, {vocab}), got values from {ids.min().item()} to "
                              f"{ids.max().item()}; use the tokenizer this encoder was built for")
 
-    def encode_prompts(self, tokenizer: Tokenizer, prompts: str | Sequence[str],
+    def encode_prompts(self, tokenizer: PromptTokenizer, prompts: str | Sequence[str],
                        device: torch.device | str | None = None) -> Tensor:
         """Prompts -> context (B, L, D) in one call, on `device` (default: where the encoder's weights are)."""
         device = self.token_embedding.weight.device if device is None else device
-        return self(tokenizer.encode(prompts).ids.to(device))
+        return self(tokenizer(prompts).to(device))
 
     @classmethod
     def from_folder(cls, folder) -> "TextEncoder":
