@@ -38,8 +38,11 @@ RENAMED_FIELDS: dict[str, dict[str, str]] = {
 # Fields added after configs of their class were first saved, with the value that reproduces the behaviour from
 # before they existed: {class: {field: value}}. Only these may be missing from a saved config (one warning per
 # field); any other missing field is an error, since a default could build another model than the one saved.
-# Empty so far: every field of every config has been saved since its class existed.
-ADDED_FIELDS: dict[str, dict[str, Any]] = {}
+ADDED_FIELDS: dict[str, dict[str, Any]] = {
+    # CLIP's options (issue 14): the Shapes text encoder was saved before them with GELU, an MLP of mlp_ratio * dim,
+    # LayerNorm's eps and the last block's output
+    "TextEncoderConfig": {"activation": "gelu", "intermediate_size": None, "layer_norm_eps": 1e-5, "output_layer": -1},
+}
 WARNED: set[tuple[str, str]] = set()
 
 

@@ -159,21 +159,57 @@ class Tokenizer:
         return tokenizer
 
 
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
 @dataclass
 class TextEncoderConfig:
-    """Everything needed to rebuild the text encoder; vocab_size and max_length come from the tokenizer."""
+    """Everything needed to rebuild the text encoder; vocab_size and max_length come from the tokenizer.
+
+    The last four fields make it CLIP's text model as Stable Diffusion reads it (`sd_v1`, `sd_v2`); their defaults
+    are the Shapes encoder's, which predates them (checkpoint.ADDED_FIELDS says so for configs saved without them).
+    """
 
     vocab_size: int
     max_length: int = MAX_LENGTH
     dim: int = 64           # D, the width of the context the U-Net's cross-attention reads
     depth: int = 2          # transformer blocks
     heads: int = 4
-    mlp_ratio: int = 4      # the MLP's hidden width is mlp_ratio * dim
+    mlp_ratio: int = 4      # the MLP's hidden width is mlp_ratio * dim, unless intermediate_size says otherwise
+    activation: str = "gelu"                # or "quick_gelu", x * sigmoid(1.702 x): OpenAI's CLIP (SD 1)
+    intermediate_size: int | None = None    # the MLP's hidden width; None: mlp_ratio * dim
+    layer_norm_eps: float = 1e-5
+    output_layer: int = -1  # which block's output goes through the final norm: -1 the last, -2 the one before (SD 2)
 
     def __post_init__(self):
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}; each head takes dim / heads "
                              f"channels, so pick e.g. dim={self.heads * 16}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}; CLIP ViT-L (SD 1) uses "
+                             f"'quick_gelu', OpenCLIP ViT-H (SD 2) 'gelu'")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size must be a positive width or None (mlp_ratio * dim), "
+                             f"got {self.intermediate_size}")
+        if not -self.depth <= self.output_layer <= -1:
+            raise ValueError(f"output_layer {self.output_layer} names no block of {self.depth}: use -1 (the last "
+                             f"block's output) down to {-self.depth}; SD 2 reads -2")
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size or self.mlp_ratio * self.dim
+
+    @classmethod
+    def sd_v1(cls) -> "TextEncoderConfig":
+        """OpenAI's CLIP ViT-L/14 text model, Stable Diffusion 1.x's: 123,060,480 parameters."""
+        return cls(vocab_size=49408, max_length=77, dim=768, depth=12, heads=12, activation="quick_gelu",
+                   intermediate_size=3072)
+
+    @classmethod
+    def sd_v2(cls) -> "TextEncoderConfig":
+        """OpenCLIP ViT-H/14's text model as Stable Diffusion 2.x reads it: the penultimate block's output."""
+        return cls(vocab_size=49408, max_length=77, dim=1024, depth=24, heads=16, activation="gelu",
+                   intermediate_size=4096, output_layer=-2)
 
     @classmethod
     def from_dict(cls, d: dict, source=None) -> "TextEncoderConfig":
@@ -181,15 +217,24 @@ class TextEncoderConfig:
         return config_from_dict(cls, d, source)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI's cheaper approximation of GELU, which CLIP (and so SD 1) was trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class TextTransformerBlock(nn.Module):
     """Pre-LayerNorm block, as in CLIP and GPT-2: each sub-layer reads a normalised copy and adds to the residual."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+    def __init__(self, config: TextEncoderConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads, dim // heads, qkv_bias=True)    # CLIP's q, k, v have biases
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        dim, width, eps = config.dim, config.mlp_width, config.layer_norm_eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = MultiHeadAttention(dim, config.heads, dim // config.heads, qkv_bias=True)   # CLIP: q, k, v biases
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        act = QuickGELU() if config.activation == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential(nn.Linear(dim, width), act, nn.Linear(width, dim))
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         h = h + self.attn(self.norm1(h), mask=mask)      # (B, L, D)
@@ -212,9 +257,8 @@ class TextEncoder(nn.Module):
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
         nn.init.normal_(self.token_embedding.weight, std=0.02)        # CLIP's initialisation
         nn.init.normal_(self.position_embedding.weight, std=0.01)
-        self.blocks = nn.ModuleList(TextTransformerBlock(config.dim, config.heads, config.mlp_ratio)
-                                         for _ in range(config.depth))
-        self.final_norm = nn.LayerNorm(config.dim)
+        self.blocks = nn.ModuleList(TextTransformerBlock(config) for _ in range(config.depth))
+        self.final_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         # causal[i, j] = (j <= i): True = may attend. A buffer so it follows .to(device), but not saved.
         causal = torch.ones(config.max_length, config.max_length, dtype=torch.bool).tril()   # (L, L)
         self.register_buffer("causal_mask", causal, persistent=False)
@@ -223,7 +267,8 @@ class TextEncoder(nn.Module):
         self.check_ids(ids)
         positions = torch.arange(ids.shape[1], device=ids.device)                  # (L,)
         h = self.token_embedding(ids) + self.position_embedding(positions)         # (B, L, D)
-        for block in self.blocks:
+        # output_layer -1 runs every block; -2 (SD 2) stops one short, so the last block's weights go unused
+        for block in self.blocks[:len(self.blocks) + 1 + self.config.output_layer]:
             h = block(h, self.causal_mask)                                         # (B, L, D)
         return self.final_norm(h)                                                  # c: (B, L, D)
 
