@@ -11,7 +11,8 @@ Start with chapters/01-pixels-and-latents.md, or run `minildm demo`. The modules
     attention.py       ch04  attention five ways (naive, sliced, chunked, sdpa, Triton), one function
     kernels/           ch04  the Triton flash-attention kernel
     unet.py            ch05  the noise predictor: timestep embedding, ResBlocks, cross-attention, the U
-    text.py            ch05  the Shapes tokenizer and the causal text encoder
+    text.py            ch05  the Shapes tokenizer and the causal text encoder (with CLIP's options)
+    clip_tokenizer.py  ch05  CLIP's byte-level BPE tokenizer (the vocabulary ships in assets/clip/)
     training_guards.py ch02  what both trainers check: the run folder, --resume, finite losses and weights
     ldm_recipe.py      ch06  the training settings, the networks' configs, the Denoiser (U-Net + text encoder)
     ema.py             ch06  the moving average of the weights that is sampled from
