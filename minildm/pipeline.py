@@ -31,6 +31,7 @@ from minildm.saving import model_files, read_json, recover_interrupted_save, wri
 from minildm.schedule import NoiseSchedule
 from minildm.text import SPECIAL_TOKENS, TextEncoder, Tokenizer, text_encoder_files
 from minildm.unet import UNet
+from minildm.vae_files import swap_vae_file
 
 PIPELINE_NAME = "pipeline.json"
 SCHEDULER_NAME = "scheduler.json"
@@ -272,6 +273,23 @@ class LatentDiffusion:
         except Exception as err:                    # safetensors raises its own types for files it cannot read
             raise ValueError(f"{file}: not a readable VAE file ({err}); give a decoder.safetensors written by "
                              f"save_decoder_file") from err
+        self.vae.to(self.device, self.dtype).eval()
+
+    def swap_vae(self, file: str | os.PathLike) -> None:
+        """Use the weights in a VAE file as users have them: SD's (CompVis layout, full or decoder-only, .safetensors
+        or .ckpt), a diffusers `vae/` folder or its weights file, or our own decoder file (`swap_vae_decoder`).
+        The file has this VAE's architecture; a full file replaces the encoder too. A failed swap changes nothing."""
+        if not isinstance(self.vae, AutoencoderKL):
+            raise ValueError(f"this pipeline diffuses in pixel space ({type(self.vae).__name__}): it has no VAE "
+                             f"to swap; use a latent-space pipeline")
+        try:
+            swap_vae_file(self.vae, file)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as err:                    # anything a reader raises that is not already one clear line
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{file}: not a readable VAE file ({reason}); give an SD VAE file (.safetensors or "
+                             f".ckpt) or a diffusers vae/ folder") from err
         self.vae.to(self.device, self.dtype).eval()
 
     # ------------------------------------------------------------------------------------- generation
