@@ -237,3 +237,10 @@ def test_missing_file_and_empty_folder_say_what_to_give(tmp_path):
         pipe.swap_vae(tmp_path / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match="a folder with no VAE weights.*diffusion_pytorch_model"):
         pipe.swap_vae(tmp_path)
+
+
+def test_our_own_vae_weights_file_swaps_exactly(tmp_path):
+    source, pipe = source_vae(), tiny_pipe()
+    pipe.swap_vae(write(tmp_path, "model.safetensors", source.state_dict()))
+    assert_decodes_like(pipe, source)
+    assert_encodes_like(pipe, source)
