@@ -89,7 +89,7 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device | 
     """A diffusers Stable Diffusion folder -> `LatentDiffusion`. The text encoder's output is its last hidden state
     (SD 1; SD 2's diffusers folders store the text encoder with its 24th block already dropped, so the last of the
     23 is SD 2's penultimate); the scheduler's class picks the sampler and its config the NoiseSchedule."""
-    from minildm.pipeline import LatentDiffusion                     # pipeline imports us for from_pretrained
+    from minildm.pipeline import LatentDiffusion  # pipeline imports us for from_pretrained
 
     folder = Path(path)
     if not (folder / MODEL_INDEX).is_file():
@@ -115,7 +115,8 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device | 
 def clip_tokenizer_from_folder(folder: Path) -> CLIPTokenizer:
     """A `tokenizer/` folder: vocab.json + merges.txt (as SD's folders on the Hub have them), or, when neither is
     there, the single tokenizer.json that transformers 5 writes (its "model" holds the same vocab and merges)."""
-    if (folder / "vocab.json").exists() or (folder / "merges.txt").exists() or not (folder / "tokenizer.json").is_file():
+    halves = (folder / "vocab.json").exists() or (folder / "merges.txt").exists()
+    if halves or not (folder / "tokenizer.json").is_file():
         return CLIPTokenizer.from_folder(folder)                    # names whichever of the two is missing
     path = folder / "tokenizer.json"
     try:

@@ -34,15 +34,15 @@ SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 UNET = dict(block_out_channels=(32, 64, 64, 64), down_block_types=SD_DOWN, up_block_types=SD_UP, layers_per_block=2,
             attention_head_dim=8, norm_num_groups=8, cross_attention_dim=32)           # SD 1.5's, narrower
-VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+VAE = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+           down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 TEXT = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, hidden_act="quick_gelu")
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                 steps_offset=1, set_alpha_to_one=False)                                 # SD's scheduler_config.json
 PROMPTS = ["a photograph of an astronaut riding a horse, 4k", "a cat, sitting!"]
 NEGATIVE = ["blurry, low quality", ""]
-HEIGHT, WIDTH, STEPS = 64, 96, 4               # non-square; latents (2, 4, 32, 48) with this 2-level VAE
+HEIGHT, WIDTH, STEPS = 64, 96, 4               # non-square; latents (2, 4, 16, 24) with this 3-level VAE (f = 4)
 
 
 @contextmanager
@@ -102,7 +102,7 @@ def reference(tmp_path_factory):
 
 
 def latents() -> torch.Tensor:
-    return torch.randn(len(PROMPTS), 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(3))
+    return torch.randn(len(PROMPTS), 4, HEIGHT // 4, WIDTH // 4, generator=torch.Generator().manual_seed(3))
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -149,14 +149,14 @@ def test_diffusers_folder_gives_diffusers_prompt_embeddings_for_prompt_and_negat
 def test_diffusers_folder_makes_diffusers_images_from_the_same_latents(reference, kind, sampler_name):
     root, pipes = reference
     ours = LatentDiffusion.from_pretrained(root / kind, device="cpu")
-    assert ours.sampler_name == sampler_name, f"{kind} scheduler should pick our {sampler_name}, got {ours.sampler_name}"
+    assert ours.sampler_name == sampler_name, f"{kind} should pick our {sampler_name}, got {ours.sampler_name}"
     assert_same_generation(ours, pipes[kind], f"{kind} folder")
 
 
 # ----------------------------------------------------------------------------------------- the CompVis single file
 
 def compvis_file(root, pipe) -> "os.PathLike":
-    from test_unet_compvis import to_compvis as unet_to_compvis             # the tests' own inverse tables
+    from test_unet_compvis import to_compvis as unet_to_compvis  # the tests' own inverse tables
     from test_vae_parity import to_compvis as vae_to_compvis
 
     state = {**unet_to_compvis(pipe.unet), **vae_to_compvis(pipe.vae.state_dict(), len(VAE["block_out_channels"]))}
