@@ -68,28 +68,39 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def scheduler(kind: str):
+# SD 2's differences, at the same reduced width: Linear projections, heads of a fixed width (diffusers' misnamed
+# attention_head_dim is the number of heads per level), OpenCLIP's gelu text encoder (a diffusers SD 2 folder stores
+# it with the unused last block dropped, so its last hidden state is what the U-Net reads), the tokenizer padding
+# with "!" (id 0), and v-prediction (SD 2's 768 models)
+VARIANTS = {
+    "sd1": dict(unet=UNET, text=TEXT, pad="<|endoftext|>", schedule={}),
+    "sd2": dict(unet={**UNET, "use_linear_projection": True, "attention_head_dim": (2, 4, 4, 4)},
+                text={**TEXT, "hidden_act": "gelu"}, pad="!", schedule={"prediction_type": "v_prediction"}),
+}
+
+
+def scheduler(kind: str, options: dict):
     if kind == "pndm":
-        return diffusers.PNDMScheduler(**SCHEDULE, skip_prk_steps=True)
-    return diffusers.DDIMScheduler(**SCHEDULE, clip_sample=False)
+        return diffusers.PNDMScheduler(**SCHEDULE, **options, skip_prk_steps=True)
+    return diffusers.DDIMScheduler(**SCHEDULE, **options, clip_sample=False)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def build(root, variant: str):
     """diffusers' StableDiffusionPipeline at a reduced width, saved as a DDIM and as a PNDM folder."""
-    root = tmp_path_factory.mktemp("sd")
+    spec = VARIANTS[variant]
     with offline():
         torch.manual_seed(0)
-        unet = randomise(diffusers.UNet2DConditionModel(**UNET))
+        unet = randomise(diffusers.UNet2DConditionModel(**spec["unet"]))
         vae = randomise(diffusers.AutoencoderKL(**VAE))
-        text_encoder = randomise(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)))
-        CLIPTokenizer.shipped().save(root / "tokenizer")
+        text_encoder = randomise(transformers.CLIPTextModel(transformers.CLIPTextConfig(**spec["text"])))
+        CLIPTokenizer.shipped(pad_token=spec["pad"]).save(root / "tokenizer")
         tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer")
         pipes = {}
         for kind in ("ddim", "pndm"):
             pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                                     unet=unet, scheduler=scheduler(kind), safety_checker=None,
-                                                     feature_extractor=None, requires_safety_checker=False)
+                                                     unet=unet, scheduler=scheduler(kind, spec["schedule"]),
+                                                     safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
             pipe.save_pretrained(root / kind)
             pipes[kind] = pipe
@@ -99,6 +110,16 @@ def reference(tmp_path_factory):
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(root / "tokenizer" / name, root / "pndm" / "tokenizer" / name)
     return root, pipes
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("sd1"), "sd1")
+
+
+@pytest.fixture(scope="module")
+def reference_sd2(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("sd2"), "sd2")
 
 
 def latents() -> torch.Tensor:
@@ -151,6 +172,21 @@ def test_diffusers_folder_makes_diffusers_images_from_the_same_latents(reference
     ours = LatentDiffusion.from_pretrained(root / kind, device="cpu")
     assert ours.sampler_name == sampler_name, f"{kind} should pick our {sampler_name}, got {ours.sampler_name}"
     assert_same_generation(ours, pipes[kind], f"{kind} folder")
+
+
+# DDIM only (SD 2's own folders ship DDIMScheduler): with a v model diffusers' PNDM combines the raw v outputs and
+# our PLMS the eps each implies, as CompVis' PLMS does (see PLMS's docstring and tests/oracle/test_sampler_parity.py)
+@pytest.mark.parametrize("kind", ["ddim"])
+def test_sd2_style_folder_v_prediction_and_bang_padding_makes_diffusers_images(reference_sd2, kind):
+    root, pipes = reference_sd2
+    ours = LatentDiffusion.from_pretrained(root / kind, device="cpu")
+    assert (ours.schedule.prediction_type, ours.tokenizer.pad_id) == ("v_prediction", 0)
+    with torch.no_grad():
+        cond, uncond = pipes[kind].encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=NEGATIVE)
+    for prompts, theirs in ((PROMPTS, cond), (NEGATIVE, uncond)):
+        err = relative_error(ours.text_encoder.encode_prompts(ours.tokenizer, prompts), theirs)
+        assert err <= RTOL, f"SD 2 embeddings of {prompts} differ from diffusers' by {err:.2e}"
+    assert_same_generation(ours, pipes[kind], f"SD 2-style {kind} folder")
 
 
 # ----------------------------------------------------------------------------------------- the CompVis single file
