@@ -189,6 +189,17 @@ def test_sd2_style_folder_v_prediction_and_bang_padding_makes_diffusers_images(r
     assert_same_generation(ours, pipes[kind], f"SD 2-style {kind} folder")
 
 
+def test_load_pipeline_takes_a_path_and_the_clip_pipeline_accepts_any_text(reference):
+    from minildm.pretrained import load_pipeline
+
+    root, _ = reference
+    ours = load_pipeline(str(root / "pndm"), device="cpu")
+    assert ours.sampler_name == "plms"
+    text = ["漢字 🙂 don't stop, 3.14!", "café " * 60]                       # CJK, emoji, accents, past 77 tokens
+    assert ours.check_prompts(text) == text
+    assert ours.text_encoder.encode_prompts(ours.tokenizer, text).shape == (2, 77, TEXT["hidden_size"])
+
+
 # ----------------------------------------------------------------------------------------- the CompVis single file
 
 def compvis_file(root, pipe) -> "os.PathLike":
