@@ -202,13 +202,48 @@ def test_load_pipeline_takes_a_path_and_the_clip_pipeline_accepts_any_text(refer
 
 # ----------------------------------------------------------------------------------------- the CompVis single file
 
-def compvis_file(root, pipe) -> "os.PathLike":
+OPENCLIP_NAMES = [("embeddings.token_embedding.weight", "token_embedding.weight"),          # keys without text_model.
+                  ("embeddings.position_embedding.weight", "positional_embedding"),
+                  ("final_layer_norm.", "ln_final."), ("encoder.layers.", "transformer.resblocks."),
+                  (".self_attn.out_proj.", ".attn.out_proj."), (".layer_norm1.", ".ln_1."),
+                  (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj.")]
+
+
+def to_openclip(text_encoder) -> dict[str, torch.Tensor]:
+    """transformers' CLIPTextModel -> SD 2's OpenCLIP layout (cond_stage_model.model.), q, k, v fused, plus the
+    24th block SD 2 never reads (a diffusers SD 2 folder drops it; a CompVis file keeps it: here a random one) and
+    the projection and temperature only CLIP's training reads."""
+    state, out = text_encoder.state_dict(), {}
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    for key, tensor in state.items():
+        stem, fused, kind = key.rpartition(".self_attn.q_proj.")
+        if fused:                                           # q, k, v -> in_proj (3D, D), as nn.MultiheadAttention
+            tensor = torch.cat([state[f"{stem}.self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            key = f"{stem}.attn.in_proj_{kind}"
+        elif ".self_attn." in key and not key.split(".self_attn.")[1].startswith("out_proj"):
+            continue                                                # k_proj, v_proj: fused above
+        for old, new in OPENCLIP_NAMES:
+            key = key.replace(old, new)
+        out[key] = tensor
+    depth = text_encoder.config.num_hidden_layers
+    generator = torch.Generator().manual_seed(5)
+    for key in [k for k in out if k.startswith("transformer.resblocks.0.")]:
+        out[key.replace(".resblocks.0.", f".resblocks.{depth}.")] = torch.randn(out[key].shape, generator=generator)
+    width = text_encoder.config.hidden_size
+    out.update({"text_projection": torch.randn(width, width, generator=generator), "logit_scale": torch.tensor(4.6)})
+    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+
+
+def compvis_file(root, pipe, variant: str = "sd1") -> "os.PathLike":
     from test_unet_compvis import to_compvis as unet_to_compvis  # the tests' own inverse tables
     from test_vae_parity import to_compvis as vae_to_compvis
 
     state = {**unet_to_compvis(pipe.unet), **vae_to_compvis(pipe.vae.state_dict(), len(VAE["block_out_channels"]))}
-    state.update({"cond_stage_model.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()})
-    path = root / "sd15-reduced.safetensors"
+    if variant == "sd1":
+        state.update({"cond_stage_model.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()})
+    else:
+        state.update(to_openclip(pipe.text_encoder))
+    path = root / f"{variant}-reduced.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
@@ -223,6 +258,24 @@ def test_single_file_makes_the_same_images_as_diffusers(reference):
                                            norm_num_groups=8)
     assert ours.schedule.prediction_type == "epsilon"
     assert_same_generation(ours, pipes["ddim"], "single file", sampler_name="ddim")
+
+
+def test_sd2_single_file_with_v_prediction_makes_the_same_images_as_diffusers(reference_sd2):
+    root, pipes = reference_sd2
+    path = compvis_file(root, pipes["ddim"], "sd2")
+    text = TextEncoderConfig(vocab_size=49408, max_length=77, dim=32, depth=3, heads=4, activation="gelu",
+                             intermediate_size=37, output_layer=-2)             # the penultimate of 3 blocks
+    vae = AutoencoderConfig(block_out_channels=VAE["block_out_channels"], layers_per_block=1, norm_num_groups=8)
+    ours = LatentDiffusion.from_pretrained(path, device="cpu", vae_config=vae, text_encoder_config=text,
+                                           heads=VARIANTS["sd2"]["unet"]["attention_head_dim"], norm_num_groups=8,
+                                           prediction_type="v_prediction")
+    assert ours.tokenizer.pad_id == 0, "an SD 2 file should get SD 2's tokenizer, padding with '!'"
+    with torch.no_grad():
+        cond, uncond = pipes["ddim"].encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=NEGATIVE)
+    for prompts, theirs in ((PROMPTS, cond), (NEGATIVE, uncond)):
+        err = relative_error(ours.text_encoder.encode_prompts(ours.tokenizer, prompts), theirs)
+        assert err <= RTOL, f"SD 2 single-file embeddings of {prompts} differ from diffusers' by {err:.2e}"
+    assert_same_generation(ours, pipes["ddim"], "SD 2 single file", sampler_name="ddim")
 
 
 # ----------------------------------------------------------------------------------------- bad input, one line each
