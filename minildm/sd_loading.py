@@ -39,6 +39,7 @@ from minildm.schedule import NoiseSchedule
 MODEL_INDEX = "model_index.json"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",      # diffusers, transformers
+                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",   # the "fp16" variant alone
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")                # older folders (weights_only)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -95,6 +96,11 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device | 
     if not (folder / MODEL_INDEX).is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers folder (no {MODEL_INDEX}); give a folder saved by "
                                 f"diffusers' save_pretrained, or a single .safetensors/.ckpt file")
+    index = read_part_config(folder, ".", MODEL_INDEX)
+    if "text_encoder_2" in index or "unet" not in index:
+        raise ValueError(f"{folder / MODEL_INDEX}: a {index.get('_class_name', 'pipeline')!r} folder, not Stable "
+                         f"Diffusion 1.x/2.x (it has {'text_encoder_2, as SDXL' if 'unet' in index else 'no unet'}); "
+                         f"minildm loads SD 1 and SD 2 folders")
     missing = [part for part in PARTS if not (folder / part).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder}: the diffusers folder lacks {', '.join(p + '/' for p in missing)}; a "

@@ -322,6 +322,12 @@ def test_a_diffusers_folder_missing_a_part_is_one_line_naming_it(reference, tmp_
     assert "vae/" in refused(folder)
 
 
+def test_an_sdxl_folder_is_one_line(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", "unet": [], '
+                                               '"text_encoder_2": []}')
+    assert "not Stable Diffusion 1.x/2.x" in refused(tmp_path)
+
+
 def test_a_tokenizer_folder_missing_merges_is_one_line(reference, tmp_path):
     root, _ = reference
     folder = tmp_path / "sd"
