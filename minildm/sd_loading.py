@@ -35,6 +35,7 @@ from minildm.convert import (
 )
 from minildm.convert_text import COMPVIS_PREFIXES, text_encoder_from_compvis, text_encoder_from_transformers
 from minildm.schedule import NoiseSchedule
+from minildm.text import TextEncoder
 
 MODEL_INDEX = "model_index.json"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -109,13 +110,29 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device | 
     scheduler_config = read_part_config(folder, "scheduler", "scheduler_config.json")
     sampler_name = sampler_for_scheduler(scheduler_config, folder / "scheduler" / "scheduler_config.json")
     schedule = NoiseSchedule.from_diffusers_config(scheduler_config)
-    unet = unet_from_diffusers(read_part_config(folder, "unet"), read_part_weights(folder, "unet"))
-    vae = vae_from_diffusers(read_part_config(folder, "vae"), read_part_weights(folder, "vae"))
-    text_encoder = text_encoder_from_transformers(read_part_config(folder, "text_encoder"),
-                                                  read_part_weights(folder, "text_encoder"))
+    unet = on_meta(unet_from_diffusers, read_part_config(folder, "unet"), read_part_weights(folder, "unet"))
+    vae = on_meta(vae_from_diffusers, read_part_config(folder, "vae"), read_part_weights(folder, "vae"))
+    text_encoder = on_meta(text_encoder_from_transformers, read_part_config(folder, "text_encoder"),
+                           read_part_weights(folder, "text_encoder"))
     tokenizer = clip_tokenizer_from_folder(folder / "tokenizer")
     return assemble(LatentDiffusion, vae, unet, text_encoder, tokenizer, schedule, device, dtype, guidance_scale,
                     sampler_name, steps)
+
+
+def on_meta(build, *args, **kwargs):
+    """Build a model on the meta device (shapes only, no memory, no random init) and let the converter assign the
+    file's tensors to it (checkpoint.load_strict does when the model is on meta), so a load holds each weight once,
+    not twice. The one tensor a file does not hold, the text encoder's causal mask, is made afterwards."""
+    with torch.device("meta"):
+        model = build(*args, **kwargs)
+    for module in model.modules():
+        if isinstance(module, TextEncoder):
+            length = module.config.max_length
+            module.causal_mask = torch.ones(length, length, dtype=torch.bool).tril()        # (L, L)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__}: {left[0]} was not loaded (still on the meta device)")
+    return model
 
 
 def clip_tokenizer_from_folder(folder: Path) -> CLIPTokenizer:
@@ -185,9 +202,9 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device | None 
                          f"{path.suffix or 'no suffix'!r}")
     state_dict = load_state_dict(path, "Stable Diffusion checkpoint")
     variant = sd_variant(state_dict, path)
-    unet = unet_from_compvis(unet_config_from_compvis(state_dict, heads, norm_num_groups), state_dict, ema)
-    vae = vae_from_compvis(state_dict, vae_config)
-    text_encoder = text_encoder_from_compvis(state_dict, variant, text_encoder_config)
+    unet = on_meta(unet_from_compvis, unet_config_from_compvis(state_dict, heads, norm_num_groups), state_dict, ema)
+    vae = on_meta(vae_from_compvis, state_dict, vae_config)
+    text_encoder = on_meta(text_encoder_from_compvis, state_dict, variant, text_encoder_config)
     tokenizer = CLIPTokenizer.shipped(pad_token="!" if variant == "sd2" else END)
     schedule = NoiseSchedule(**SD_SCHEDULE, prediction_type=prediction_type)
     return assemble(LatentDiffusion, vae, unet, text_encoder, tokenizer, schedule, device, dtype, guidance_scale,
