@@ -202,6 +202,12 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
     if problems:
         raise ValueError(f"{source}: does not fit the model: " + "; ".join(problems) + "; check that config.json "
                          "matches the weights and that they were saved from this kind of model")
+    if any(t.is_meta for t in expected.values()):
+        # a model built on the meta device (no memory): take the file's tensors as they are (assign), in the
+        # model's dtype, instead of copying them into weights that were never allocated
+        state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model
     model.load_state_dict(state_dict, strict=True)
     return model
 

@@ -299,10 +299,12 @@ class LatentDiffusion:
                  sampler_name: str | None = None, steps: int | None = None, seed: int | None = 0,
                  negative_prompt: str | Sequence[str] | None = None, callback: Callable[[Step], None] | None = None,
                  output_type: str = "images", init: Tensor | None = None, strength: float = 1.0,
-                 known: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                 known: tuple[Tensor, Tensor] | None = None, latents: Tensor | None = None) -> Tensor:
         """The one loop behind all three: prompts -> context; seeded noise -> (img2img start) -> sampler -> z_0.
         `init` (an image's z_0) starts part-way, by `strength`; `known` = (z_0 of the image, repaint mask at latent
-        size) turns on inpainting. A setting left at None is the pipeline's default."""
+        size) turns on inpainting. `latents` replaces the seeded starting noise: unit-variance (B, C, h, w), which
+        the sampler scales by its initial sigma (diffusers' convention, so both can start from the same noise).
+        A setting left at None is the pipeline's default."""
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         sampler_name = self.sampler_name if sampler_name is None else sampler_name
         steps = self.steps if steps is None else steps
@@ -326,7 +328,10 @@ class LatentDiffusion:
         sampler = make_sampler(sampler_name, self.schedule, steps)
         generator = cpu_generator(seed)
         shape = (len(prompts), self.unet.config.in_channels, h, w)
-        noise = randn(shape, generator, self.device, self.dtype)                            # (B, C, h, w)
+        if latents is None:
+            noise = randn(shape, generator, self.device, self.dtype)                        # (B, C, h, w)
+        else:
+            noise = self.check_latents(latents, shape)                                      # (B, C, h, w)
 
         before_step = None if known is None else keep_known_region(sampler, noise, *known)
         z0 = sample(model_fn, noise, sampler, generator, callback=callback, init=init, strength=strength,
@@ -336,14 +341,28 @@ class LatentDiffusion:
             z0 = repaint * z0 + (1 - repaint) * z_known                   # the kept region, exactly the image's
         return self.decode_latents(z0) if output_type == "images" else z0
 
+    def check_latents(self, latents: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Given starting noise -> on the pipeline's device and dtype, after checking its shape and values."""
+        if not isinstance(latents, Tensor) or not latents.is_floating_point():
+            given = f"dtype {latents.dtype}" if isinstance(latents, Tensor) else kind_of(latents)
+            raise TypeError(f"latents must be a float tensor of unit-variance noise {shape}, got {given}")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (prompts, latent channels, height / f, width / f) for "
+                             f"this size, got {tuple(latents.shape)}; draw them with torch.randn{shape}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents hold NaN or inf values; give standard-normal noise (torch.randn)")
+        return latents.to(self.device, self.dtype)
+
     def text_to_image(self, prompts: str | Sequence[str], *, height: int = 64, width: int = 64,
                       guidance_scale: float | None = None, sampler_name: str | None = None, steps: int | None = None,
                       seed: int | None = 0, negative_prompt: str | Sequence[str] | None = None,
-                      callback: Callable[[Step], None] | None = None, output_type: str = "images") -> Tensor:
-        """One image per prompt: (B, 3, H, W) in [-1, 1] (float32, CPU), or the z_0 latents (B, C, h, w)."""
+                      callback: Callable[[Step], None] | None = None, output_type: str = "images",
+                      latents: Tensor | None = None) -> Tensor:
+        """One image per prompt: (B, 3, H, W) in [-1, 1] (float32, CPU), or the z_0 latents (B, C, h, w).
+        `latents`: the unit-variance starting noise (B, C, H / f, W / f) instead of the seed's."""
         return self.generate(prompts, height, width, guidance_scale=guidance_scale, sampler_name=sampler_name,
                              steps=steps, seed=seed, negative_prompt=negative_prompt, callback=callback,
-                             output_type=output_type)
+                             output_type=output_type, latents=latents)
 
     def match_batch(self, image: Tensor, prompts) -> tuple[Tensor, list[str]]:
         """One prompt per image; a single image or a single prompt is repeated to match the other."""
@@ -388,6 +407,26 @@ class LatentDiffusion:
         return out
 
     # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **options) -> "LatentDiffusion":
+        """Any of the three layouts: our pipeline folder (pipeline.json, see from_folder), a diffusers folder
+        (model_index.json) or a CompVis single file (.safetensors / .ckpt); `options` go to the loader
+        (sd_loading.load_diffusers_folder / load_single_file, e.g. prediction_type="v_prediction" for SD 2 768)."""
+        from minildm import sd_loading
+
+        path = Path(path)
+        if path.is_dir() and (path / PIPELINE_NAME).is_file():
+            return cls.from_folder(path, device, dtype=dtype, **options)
+        if path.is_dir() and (path / sd_loading.MODEL_INDEX).is_file():
+            return sd_loading.load_diffusers_folder(path, device, dtype, **options)
+        if path.is_file() and path.suffix in sd_loading.SINGLE_FILE_SUFFIXES:
+            return sd_loading.load_single_file(path, device, dtype, **options)
+        what = "a folder" if path.is_dir() else "a file" if path.is_file() else "nothing (no such path)"
+        raise FileNotFoundError(f"{path}: {what} that is no pipeline we know; give our pipeline folder "
+                                f"({PIPELINE_NAME}), a diffusers folder ({sd_loading.MODEL_INDEX}) or a single "
+                                f"{' / '.join(sd_loading.SINGLE_FILE_SUFFIXES)} Stable Diffusion file")
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device | None = None,

@@ -55,9 +55,17 @@ def pipeline_folder(name: str) -> Path:
     return folder
 
 
-def load_pipeline(name: str = "shapes64", device=None) -> LatentDiffusion:
-    """The shipped text-to-image model: 'shapes64' draws 64x64 Shapes from captions, reusing the shapes64 VAE."""
-    return LatentDiffusion.from_folder(pipeline_folder(name), device)
+def load_pipeline(name_or_path: str | os.PathLike = "shapes64", device=None, dtype=None,
+                  **options) -> LatentDiffusion:
+    """A shipped text-to-image model by name ('shapes64' draws 64x64 Shapes from captions, reusing the shapes64
+    VAE), or any path LatentDiffusion.from_pretrained takes: our pipeline folder, a diffusers Stable Diffusion
+    folder, a CompVis single .safetensors/.ckpt file (`options` go to the loader)."""
+    if isinstance(name_or_path, str) and name_or_path in PIPELINES:
+        return LatentDiffusion.from_folder(pipeline_folder(name_or_path), device, dtype=dtype)
+    if isinstance(name_or_path, os.PathLike) or os.path.exists(name_or_path) or "/" in name_or_path \
+            or os.sep in name_or_path:
+        return LatentDiffusion.from_pretrained(name_or_path, device, dtype, **options)
+    return LatentDiffusion.from_folder(pipeline_folder(name_or_path), device)        # the unknown-name error
 
 
 def load_judge(name: str = "shapes64", device=None) -> Judge:
