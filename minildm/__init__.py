@@ -29,7 +29,7 @@ Start with chapters/01-pixels-and-latents.md, or run `minildm demo`. The modules
 
 Beside them: saving.py (folders written atomically, never over a user's files), checkpoint.py (loaded strictly),
 convert.py (other people's weights, by renaming rules; convert_text.py for CLIP's text encoder), sd_loading.py
-(Stable Diffusion as users have it: a diffusers folder or a CompVis single file),
+(Stable Diffusion as users have it: a diffusers folder or a CompVis single file), vae_files.py (SD's VAE files),
 device.py (CUDA > MPS > CPU, reproducible noise), pretrained.py (the shipped weights in assets/); and the tooling:
 cli.py (the `minildm` command), demo.py, viz.py, quotes.py (the chapters' quotes stay true), grading/ (workbooks
 and the grader).
