@@ -360,10 +360,11 @@ def cmd_sample(args) -> int:
         grid.save(f, format="PNG")
     task = "inpainting" if mask is not None else "img2img" if image is not None else "text-to-image"
     per_step = clock.seconds_per_step()
-    timing = f"{per_step:.3f} s per step" if per_step is not None else "no sampler step"
+    timing = f"{per_step:.3f} s per step (one model evaluation, guidance included)" if per_step is not None \
+        else "no sampler step"
     print(f"minildm sample: wrote {out} ({task}, {rows.shape[-2]}x{rows.shape[-1]} (height x width); rows: "
           f"{len(args.prompt)} prompt(s), columns: seeds {args.seed}..{args.seed + args.num - 1}) in "
-          f"{time.time() - start:.1f} s (loading {loaded:.1f} s; {timing}, {len(clock.gaps)} steps)")
+          f"{time.time() - start:.1f} s (loading {loaded:.1f} s; {timing}, {len(clock.gaps)} in all)")
     return 0
 
 
