@@ -278,3 +278,33 @@ def test_sample_swaps_in_a_vae_file_and_a_bad_one_is_one_line(sd_folder, tmp_pat
 def test_prediction_is_refused_for_a_folder_with_one_line(sd_folder, tmp_path, capsys):
     assert sd_sample(sd_folder, tmp_path / "never.png", "--prediction", "v_prediction") == 1
     assert "--prediction" in one_error_line(capsys, "sample")
+
+
+@pytest.mark.oracle
+def test_a_single_file_goes_to_from_pretrained_with_prediction_dtype_and_sd_default_size(sd_folder, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A toy CompVis file would need the loader's size options, which the command leaves at SD's; so the loader is
+    stood in for here (tests/oracle/test_sd_pipeline_parity.py loads real single files) and what reaches it checked."""
+    import torch
+
+    from minildm.cli import default_side
+    from minildm.pipeline import LatentDiffusion
+
+    single = tmp_path / "v2-768.safetensors"
+    single.write_bytes(b"stands for a checkpoint")
+    pipe = LatentDiffusion.from_pretrained(sd_folder, device="cpu")
+    seen = {}
+
+    def from_pretrained(path, device=None, dtype=None, **options):
+        seen.update(path=Path(path), device=device, dtype=dtype, **options)
+        return pipe
+
+    monkeypatch.setattr(LatentDiffusion, "from_pretrained", from_pretrained)
+    out = tmp_path / "castle.png"
+    assert sd_sample(single, out, "--prediction", "v_prediction", "--dtype", "bfloat16", "--height", "16",
+                     "--width", "24") == 0
+    assert seen == {"path": single, "device": "cpu", "dtype": torch.bfloat16, "prediction_type": "v_prediction"}
+    assert png_pixels(out).shape == (16 + 4, 24 + 4, 3)
+    assert "loading" in capsys.readouterr().out
+    assert (default_side(str(single), pipe, "v_prediction"), default_side(str(single), pipe, None)) == (768, 512)
+    assert default_side(None, pipe, None) == 64                                     # the shipped Shapes pipeline
