@@ -255,8 +255,14 @@ class StepClock:
         self.last, self.index = time.perf_counter(), None
 
     def __call__(self, step) -> None:
+        import torch
         from tqdm import tqdm
 
+        device = step.output.device                          # a GPU runs ahead of Python: wait for the step's end
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
         now = time.perf_counter()
         # between two evaluations of one column: one step alone. A column's first evaluation (its index does not
         # follow the last one) also holds the prompts' encoding and the previous column's VAE decode: not counted
