@@ -74,6 +74,20 @@ def whole_numbers(low: int, high: int | None, example: str):
     return parse
 
 
+def image_side(text: str) -> int:
+    """An argparse `type=`: an image side in pixels, a multiple of 8 from 8 to 8192 (SD's VAE divides it by 8; the
+    pipeline checks its own rule, which may ask for more, when it runs)."""
+    value = whole_number(8, 8192, " (pixels, a multiple of 8)")(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 from 8 to 8192 (pixels; the VAE divides a side "
+                                         f"by 8), got {value}; try {max(8, value - value % 8)} or "
+                                         f"{value - value % 8 + 8}")
+    return value
+
+
+DTYPES = ("float32", "float16", "bfloat16")                     # --dtype; the torch dtypes of the same names
+PREDICTIONS = ("epsilon", "v_prediction")                       # what a single file's U-Net predicts
+
 POSITIVE = whole_number(1)                                      # steps, sizes, counts, intervals
 NON_NEGATIVE = whole_number(0)
 SEED = whole_number(0, 2**63 - 1, high_text="2**63 - 1")        # what every generator (torch, numpy) takes
@@ -207,7 +221,82 @@ def read_mask(path: str):
     return torch.from_numpy(values)
 
 
+def default_side(path: str | None, pipe, prediction: str | None) -> int:
+    """The image side a pipeline was trained at, when --height/--width are not given: our pipeline folder's
+    training.json (Shapes: 64); a diffusers folder's unet/config.json sample_size times the VAE's factor (diffusers'
+    own rule: 64 x 8 = 512 for SD); a single file says nothing, so SD's: 512, or 768 for SD 2's v-prediction models."""
+    from minildm.demo import IMAGE_SIZE
+    from minildm.pipeline import PIPELINE_NAME
+
+    if path is None or (Path(path).is_dir() and (Path(path) / PIPELINE_NAME).is_file()):
+        try:
+            record = json.loads((Path(path) / "training.json").read_text()) if path else {}
+            side = record.get("train_config", {}).get("image_size", IMAGE_SIZE)
+        except (OSError, ValueError, AttributeError):
+            side = IMAGE_SIZE
+        return side if isinstance(side, int) and side > 0 else IMAGE_SIZE
+    if Path(path).is_dir():
+        try:
+            side = json.loads((Path(path) / "unet" / "config.json").read_text()).get("sample_size")
+        except (OSError, ValueError, AttributeError):
+            side = None
+        if isinstance(side, int) and side > 0:
+            return side * pipe.vae.config.downsampling_factor
+        return 512
+    return 768 if prediction == "v_prediction" else 512
+
+
+class StepClock:
+    """The sampler's callback: a tqdm bar over the model evaluations, made at the first one (so an error before
+    sampling stays one line), and the time between evaluations, for the seconds per step printed at the end."""
+
+    def __init__(self, total: int | None):
+        self.total, self.bar, self.gaps = total, None, []
+        self.last, self.index = time.perf_counter(), None
+
+    def __call__(self, step) -> None:
+        import torch
+        from tqdm import tqdm
+
+        device = step.output.device                          # a GPU runs ahead of Python: wait for the step's end
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+        now = time.perf_counter()
+        # between two evaluations of one column: one step alone. A column's first evaluation (its index does not
+        # follow the last one) also holds the prompts' encoding and the previous column's VAE decode: not counted
+        # unless no other step was timed
+        self.gaps.append((now - self.last, self.index is not None and step.index > self.index))
+        self.last, self.index = now, step.index
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="sampling", unit="step", dynamic_ncols=True)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def seconds_per_step(self) -> float | None:
+        steps = [gap for gap, pure in self.gaps if pure] or [gap for gap, _ in self.gaps]
+        return sum(steps) / len(steps) if steps else None
+
+
+def evaluations(pipe, sampler_name: str | None, steps: int | None, strength: float, img2img: bool) -> int | None:
+    """How many model evaluations one column makes (the progress bar's length), or None if the sampler refuses."""
+    from minildm.samplers import make_sampler
+
+    try:
+        sampler = make_sampler(sampler_name or pipe.sampler_name, pipe.schedule, steps or pipe.steps)
+        start = sampler.start_index(strength) if img2img and strength < 1 else 0
+        return max(len(sampler.timesteps) - start, 0)
+    except (ValueError, TypeError):
+        return None                                         # the pipeline says why, in one line, when it runs
+
+
 def cmd_sample(args) -> int:
+    import torch
+
     from minildm.demo import sample_rows
     from minildm.pipeline import LatentDiffusion
     from minildm.pretrained import load_pipeline
@@ -220,31 +309,68 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--out {out} is a folder; give a file name ending in .png")
     if out.exists() and not args.force:
         raise FileExistsError(f"--out {out} already exists; choose another name, or pass --force to replace it")
+    folder = next(parent for parent in out.absolute().parents if parent.exists())   # checked now, not after sampling
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--out {out}: {folder} is a file, where a folder should be; choose another path")
     if args.num < 1:
         raise ValueError(f"--num must be at least 1 (images per prompt), got {args.num}")
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image: the image whose white-masked part is repainted")
     if args.strength is not None and not args.init_image:
         raise ValueError("--strength needs --init-image: it says how far to move away from that image (0 to 1)")
+    if args.vae and not Path(args.vae).exists():
+        raise FileNotFoundError(f"--vae {args.vae}: no such file; give an SD VAE file (.safetensors or .ckpt), a "
+                                f"diffusers vae/ folder or a decoder.safetensors")
+    single_file = args.pipeline is not None and Path(args.pipeline).is_file()
+    if args.prediction and not single_file:
+        raise ValueError("--prediction is for a single .safetensors/.ckpt file, which does not say what its U-Net "
+                         "predicts; a folder's scheduler config says it: leave --prediction out")
     image = read_image(args.init_image) if args.init_image else None          # its size is the pipeline's to check
     mask = read_mask(args.mask) if args.mask else None
     if mask is not None and tuple(mask.shape) != tuple(image.shape[2:]):
         raise ValueError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} but --init-image {args.init_image} is "
                          f"{image.shape[3]}x{image.shape[2]}; give them the same size")
+    if image is not None and (args.height or image.shape[2], args.width or image.shape[3]) != tuple(image.shape[2:]):
+        raise ValueError(f"--height/--width {args.height or image.shape[2]}x{args.width or image.shape[3]} (height x "
+                         f"width) but --init-image {args.init_image} is {image.shape[2]}x{image.shape[3]}: an edit "
+                         f"keeps the image's size; leave --height/--width out, or resize the image")
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.6)
     set_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     start = time.time()
-    pipe = load_pipeline("shapes64", args.device) if args.pipeline is None else \
-        LatentDiffusion.from_folder(args.pipeline, args.device)
-    rows = sample_rows(pipe, args.prompt, args.num, args.seed, image, mask, strength,
-                       guidance_scale=args.guidance, sampler_name=args.sampler, steps=args.steps)  # (P, num, 3, H, W)
+    if args.pipeline is None:
+        pipe = load_pipeline("shapes64", args.device, dtype)
+    else:
+        path = Path(args.pipeline)
+        if path.is_file() and path.suffix in (".safetensors", ".ckpt"):         # a 4 GB file takes a while
+            print(f"minildm sample: loading {path} ({path.stat().st_size / 1e9:.2f} GB) ...", flush=True)
+        options = {"prediction_type": args.prediction} if args.prediction else {}
+        pipe = LatentDiffusion.from_pretrained(path, device=args.device, dtype=dtype, **options)
+    if args.vae:
+        pipe.swap_vae(args.vae)
+    loaded = time.time() - start
+    side = default_side(args.pipeline, pipe, args.prediction)
+    height, width = args.height or side, args.width or side
+    per_column = evaluations(pipe, args.sampler, args.steps, strength, image is not None)
+    clock = StepClock(per_column * args.num if per_column is not None else None)
+    options = dict(guidance_scale=args.guidance, sampler_name=args.sampler, steps=args.steps,
+                   negative_prompt=args.negative_prompt, callback=clock)
+    try:
+        rows = sample_rows(pipe, args.prompt, args.num, args.seed, image, mask, strength, height=height,
+                           width=width, **options)                                # (P, num, 3, H, W)
+    finally:
+        clock.close()
     grid = image_grid(rows.flatten(0, 1), nrow=args.num)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb" if args.force else "xb") as f:      # "xb": never replace a file that appeared meanwhile
         grid.save(f, format="PNG")
     task = "inpainting" if mask is not None else "img2img" if image is not None else "text-to-image"
-    print(f"minildm sample: wrote {out} ({task}; rows: {len(args.prompt)} prompt(s), columns: seeds {args.seed}.."
-          f"{args.seed + args.num - 1}) in {time.time() - start:.1f} s")
+    per_step = clock.seconds_per_step()
+    timing = f"{per_step:.3f} s per step (one model evaluation, guidance included)" if per_step is not None \
+        else "no sampler step"
+    print(f"minildm sample: wrote {out} ({task}, {rows.shape[-2]}x{rows.shape[-1]} (height x width); rows: "
+          f"{len(args.prompt)} prompt(s), columns: seeds {args.seed}..{args.seed + args.num - 1}) in "
+          f"{time.time() - start:.1f} s (loading {loaded:.1f} s; {timing}, {len(clock.gaps)} in all)")
     return 0
 
 
@@ -374,7 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--sampler", default=None, help="ddpm, ddim, plms, euler, euler_a, heun or dpmpp_2m "
                                                     "(default: the pipeline's, ddim)")
     sa.add_argument("--steps", type=POSITIVE, default=None, help="sampler steps (default: the pipeline's, 50)")
-    sa.add_argument("--pipeline", metavar="FOLDER", default=None, help="a pipeline folder (default: the shipped one)")
+    sa.add_argument("--pipeline", metavar="PATH", default=None,
+                    help="our pipeline folder, a diffusers Stable Diffusion folder (model_index.json) or a CompVis "
+                         "single .safetensors/.ckpt file (default: the shipped Shapes pipeline)")
+    sa.add_argument("--height", type=image_side, default=None,
+                    help="image height in pixels, a multiple of 8 (default: the pipeline's training size: 64 for "
+                         "Shapes; a diffusers folder's unet sample_size x 8, 512 for SD; a single file: 512, 768 "
+                         "with --prediction v_prediction)")
+    sa.add_argument("--width", type=image_side, default=None, help="image width in pixels (default: as --height)")
+    sa.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT", default=None,
+                    help='what guidance steers away from, for every row (default: the empty prompt), e.g. "blurry"')
+    sa.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="the weights' and activations' dtype (default: float16 on CUDA and MPS, float32 on the CPU)")
+    sa.add_argument("--vae", metavar="FILE", default=None,
+                    help="swap in the VAE weights of this file: an SD VAE file (full or decoder-only, .safetensors "
+                         "or .ckpt), a diffusers vae/ folder, or our decoder.safetensors")
+    sa.add_argument("--prediction", choices=PREDICTIONS, default=None,
+                    help="for a single file only: what its U-Net predicts (default epsilon: SD 1.x and SD 2.x base; "
+                         "SD 2.x 768 models are v_prediction)")
     sa.add_argument("--init-image", dest="init_image", metavar="IMG",
                     help="img2img: start from this image instead of pure noise (the shipped model learnt 64x64); "
                          "read as 8-bit / 255, 16-bit / 65535, float TIFF only if in [0, 1]; transparency is refused "

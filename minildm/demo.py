@@ -99,9 +99,11 @@ def vae_figures(out: Path, vae: AutoencoderKL, seed: int) -> list[tuple[Path, st
 
 
 def sample_rows(pipe: LatentDiffusion, prompts, num: int, seed: int = 0, image: Tensor | None = None,
-                mask: Tensor | None = None, strength: float = 1.0, output_type: str = "images", **options) -> Tensor:
+                mask: Tensor | None = None, strength: float = 1.0, output_type: str = "images",
+                height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, **options) -> Tensor:
     """(P, num, ...): column j draws every prompt at once with seed + j, from noise (or from `image`: img2img, or
-    inpainting with `mask`). `minildm sample` with the demo's prompts and --steps 25 redraws samples.png."""
+    inpainting with `mask`; an edit keeps the image's size, so `height` and `width` are for new images only).
+    `minildm sample` with the demo's prompts and --steps 25 redraws samples.png."""
     columns = []
     for j in range(num):
         kw = {"seed": seed + j, "output_type": output_type, **options}
@@ -110,7 +112,7 @@ def sample_rows(pipe: LatentDiffusion, prompts, num: int, seed: int = 0, image: 
         elif image is not None:
             columns.append(pipe.image_to_image(image, prompts, strength=strength, **kw))
         else:
-            columns.append(pipe.text_to_image(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, **kw))
+            columns.append(pipe.text_to_image(prompts, height=height, width=width, **kw))
     return torch.stack(columns, dim=1)
 
 

@@ -170,3 +170,141 @@ def test_demo_writes_its_figures_and_says_where(tmp_path):
     again = subprocess.run([sys.executable, "-m", "minildm", "demo", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
+
+
+# ------------------------------------------------- Stable Diffusion through `minildm sample --pipeline PATH`
+
+def tiny_sd_folder(root: Path) -> Path:
+    """A diffusers Stable Diffusion folder at a toy width, with random weights: SD 1's layout (two levels), the real
+    CLIP tokenizer from the shipped vocabulary, SD's DDIM scheduler; as tests/oracle/test_sd_pipeline_parity.py
+    assembles it, smaller. unet sample_size 8 x the VAE's factor 2: the default image is 16x16."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors.torch import save_file
+
+    from minildm.clip_tokenizer import CLIPTokenizer
+
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"                       # nothing is fetched
+    try:
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=8,
+            norm_num_groups=8, cross_attention_dim=16)
+        vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                                      latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2)
+        text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=49408, max_position_embeddings=77, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+            num_attention_heads=2, hidden_act="quick_gelu"))
+        CLIPTokenizer.shipped().save(root / "tokenizer")
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer")
+        scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                            beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                            set_alpha_to_one=False, clip_sample=False)
+        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+        pipe.save_pretrained(root / "sd")
+        torch.manual_seed(1)                                  # another VAE of the same shape: a VAE file to swap in
+        other = diffusers.AutoencoderKL(**{k: v for k, v in vae.config.items() if not k.startswith("_")})
+        with torch.no_grad():
+            for parameter in other.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        save_file({k: v.contiguous() for k, v in other.state_dict().items()}, root / "other-vae.safetensors")
+    finally:
+        if old is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    return root / "sd"
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return tiny_sd_folder(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def sd_sample(folder: Path, out: Path, *extra: str) -> int:
+    return main(["sample", "--pipeline", str(folder), "--prompt", "a photograph of an astronaut riding a horse",
+                 "--num", "1", "--steps", "2", "--device", "cpu", "--out", str(out), *extra])
+
+
+def png_pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.array(image)
+
+
+@pytest.mark.oracle
+def test_sample_draws_a_diffusers_sd_folder_at_the_asked_size_with_a_negative_prompt(sd_folder, tmp_path, capsys):
+    import numpy as np
+
+    negative, plain = tmp_path / "negative.png", tmp_path / "plain.png"
+    assert sd_sample(sd_folder, negative, "--height", "32", "--width", "48", "--negative-prompt", "blurry, low "
+                     "quality", "--dtype", "float32") == 0
+    said = capsys.readouterr()
+    assert "32x48 (height x width)" in said.out and "s per step" in said.out, said.out
+    assert "sampling" in said.err and "2/2" in said.err, said.err                        # the progress bar
+    assert png_pixels(negative).shape == (32 + 4, 48 + 4, 3)                             # one image, 2-pixel frame
+    assert sd_sample(sd_folder, plain, "--height", "32", "--width", "48") == 0
+    assert not np.array_equal(png_pixels(negative), png_pixels(plain)), "--negative-prompt changed nothing"
+    default = tmp_path / "default.png"
+    assert sd_sample(sd_folder, default) == 0                    # the folder's size: sample_size 8 x factor 2
+    assert png_pixels(default).shape == (16 + 4, 16 + 4, 3)
+
+
+@pytest.mark.oracle
+def test_sample_swaps_in_a_vae_file_and_a_bad_one_is_one_line(sd_folder, tmp_path, capsys):
+    import numpy as np
+
+    plain, swapped = tmp_path / "plain.png", tmp_path / "swapped.png"
+    assert sd_sample(sd_folder, plain) == 0
+    assert sd_sample(sd_folder, swapped, "--vae", str(sd_folder.parent / "other-vae.safetensors")) == 0
+    assert not np.array_equal(png_pixels(plain), png_pixels(swapped)), "--vae changed nothing"
+    capsys.readouterr()
+    bad = tmp_path / "bad-vae.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    assert sd_sample(sd_folder, tmp_path / "never.png", "--vae", str(bad)) == 1
+    assert "bad-vae.safetensors" in one_error_line(capsys, "sample")
+    assert not (tmp_path / "never.png").exists()
+
+
+@pytest.mark.oracle
+def test_prediction_is_refused_for_a_folder_with_one_line(sd_folder, tmp_path, capsys):
+    assert sd_sample(sd_folder, tmp_path / "never.png", "--prediction", "v_prediction") == 1
+    assert "--prediction" in one_error_line(capsys, "sample")
+
+
+@pytest.mark.oracle
+def test_a_single_file_goes_to_from_pretrained_with_prediction_dtype_and_sd_default_size(sd_folder, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A toy CompVis file would need the loader's size options, which the command leaves at SD's; so the loader is
+    stood in for here (tests/oracle/test_sd_pipeline_parity.py loads real single files) and what reaches it checked."""
+    import torch
+
+    from minildm.cli import default_side
+    from minildm.pipeline import LatentDiffusion
+
+    single = tmp_path / "v2-768.safetensors"
+    single.write_bytes(b"stands for a checkpoint")
+    pipe = LatentDiffusion.from_pretrained(sd_folder, device="cpu")
+    seen = {}
+
+    def from_pretrained(path, device=None, dtype=None, **options):
+        seen.update(path=Path(path), device=device, dtype=dtype, **options)
+        return pipe
+
+    monkeypatch.setattr(LatentDiffusion, "from_pretrained", from_pretrained)
+    out = tmp_path / "castle.png"
+    assert sd_sample(single, out, "--prediction", "v_prediction", "--dtype", "bfloat16", "--height", "16",
+                     "--width", "24") == 0
+    assert seen == {"path": single, "device": "cpu", "dtype": torch.bfloat16, "prediction_type": "v_prediction"}
+    assert png_pixels(out).shape == (16 + 4, 24 + 4, 3)
+    assert "loading" in capsys.readouterr().out
+    assert (default_side(str(single), pipe, "v_prediction"), default_side(str(single), pipe, None)) == (768, 512)
+    assert default_side(None, pipe, None) == 64                                     # the shipped Shapes pipeline
