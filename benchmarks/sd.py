@@ -39,35 +39,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_TIME_RATIO = 0.95
 GB = 1e9
-UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,          # SD 1.5's configs
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-TEXT = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=768, intermediate_size=3072,
-            num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
-SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-
-
-def fill(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02), norm scales around 1: one randn per tensor."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                    p.normal_(1.0 if name == "weight" else 0.0, 0.2, generator=generator)
-                elif p.dim() >= 2:
-                    p.normal_(0.0, 1 / math.sqrt(p[0].numel()), generator=generator)
-                else:
-                    p.normal_(0.0, 0.02, generator=generator)
-    return model.eval()
-
-
-def empty(build):
-    with torch.device("meta"):
-        model = build()
-    return model.to_empty(device="cpu")
 
 
 def build(workdir: Path):
@@ -79,6 +50,7 @@ def build(workdir: Path):
     from minildm.clip_tokenizer import CLIPTokenizer
 
     sys.path.insert(0, str(ROOT / "tests" / "oracle"))
+    from test_sd_full_size import SCHEDULE, TEXT, UNET, VAE, empty, fill  # SD 1.5's configs, cheap random weights
     from test_unet_compvis import to_compvis as unet_to_compvis  # the tests' own inverse tables
     from test_vae_parity import to_compvis as vae_to_compvis
 
