@@ -19,6 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
+from test_unet_parity import randomise  # noqa: E402  (the same re-randomised norms as the diffusers parity test)
+
 from minildm.convert import (  # noqa: E402
     compvis_ema_key,
     compvis_unet_rules,
@@ -98,17 +100,6 @@ def to_compvis(reference, state: dict | None = None, prefix: str = PREFIX) -> di
 
 
 # ----------------------------------------------------------------------------------------- models
-
-def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Norm scales around 1 and shifts around 0 (not exactly 1 and 0); every other tensor keeps its random init."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            torch.nn.init.normal_(module.weight, 1.0, 0.5)
-            torch.nn.init.normal_(module.bias, 0.0, 0.5)
-    constant = [n for n, p in model.named_parameters() if p.numel() > 1 and p.min() == p.max()]
-    assert not constant, f"parameters left constant (a wrong mapping could hide there): {constant[:5]}"
-    return model
-
 
 def diffusers_unet(name: str):
     if name not in _cache:
