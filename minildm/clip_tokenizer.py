@@ -160,6 +160,7 @@ class CLIPTokenizer:
         if word in self.cache:
             return self.cache[word]
         symbols = [*word[:-1], word[-1] + END_OF_WORD]            # "cat" -> ["c", "a", "t</w>"]
+        # BEGIN SOLUTION ch09.bpe_merge
         while len(symbols) > 1:
             pairs = set(zip(symbols, symbols[1:]))
             best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
@@ -174,6 +175,7 @@ class CLIPTokenizer:
                     merged.append(symbols[i])
                     i += 1
             symbols = merged
+        # END SOLUTION
         self.cache[word] = symbols
         return symbols
 

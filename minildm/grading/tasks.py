@@ -126,6 +126,12 @@ TASKS: dict[str, Task] = {t.id: t for t in [
          "the sampler cannot do); if no evaluation is left there, return that index and a copy of z_0, else z_0 "
          "noised to evaluation start's level with sampler.add_noise and the given noise (draw none of your own)",
          "Image to image: starting part-way"),
+    Task("ch09.bpe_merge", "CLIP's byte-pair merges",
+         "`symbols` is the word's symbols with </w> on the last; while two neighbours form a pair in self.ranks, "
+         "take the pair with the lowest rank among all neighbouring pairs (learned earliest, not the most frequent "
+         "or the leftmost), merge every occurrence of it left to right without overlap, and look again; stop when "
+         "no neighbouring pair has a rank or one symbol is left, and leave the result in `symbols`",
+         "2. The tokenizer: bytes, then merges"),
 ]}
 
 
