@@ -345,7 +345,8 @@ def cmd_sample(args) -> int:
         if path.is_file() and path.suffix in (".safetensors", ".ckpt"):         # a 4 GB file takes a while
             print(f"minildm sample: loading {path} ({path.stat().st_size / 1e9:.2f} GB) ...", flush=True)
         options = {"prediction_type": args.prediction} if args.prediction else {}
-        pipe = LatentDiffusion.from_pretrained(path, device=args.device, dtype=dtype, **options)
+        pipe = LatentDiffusion.from_pretrained(path, device=args.device, dtype=dtype, progress=True, **options)
+        print(f"minildm sample: loaded {pipe!r}", flush=True)                # each part's dtype, device
     if args.vae:
         pipe.swap_vae(args.vae)
     loaded = time.time() - start
@@ -511,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT", default=None,
                     help='what guidance steers away from, for every row (default: the empty prompt), e.g. "blurry"')
     sa.add_argument("--dtype", choices=DTYPES, default=None,
-                    help="the weights' and activations' dtype (default: float16 on CUDA and MPS, float32 on the CPU)")
+                    help="the weights' and activations' dtype (default: float16 on CUDA and MPS, float32 on the "
+                         "CPU); in float16 the VAE stays float32, since SD's decoder overflows float16")
     sa.add_argument("--vae", metavar="FILE", default=None,
                     help="swap in the VAE weights of this file: an SD VAE file (full or decoder-only, .safetensors "
                          "or .ckpt), a diffusers vae/ folder, or our decoder.safetensors")

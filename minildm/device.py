@@ -51,6 +51,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
+def vae_dtype(pipeline_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a pipeline's VAE runs in: float32 when the pipeline runs in float16, else the pipeline's own.
+
+    float16 tops out at 65,504, and SD's VAE decoder passes that at large sizes (inf, then NaN: black or grey
+    images); diffusers marks such VAEs `force_upcast` and decodes them in float32. The VAE runs once per image
+    (twice for an edit), so float32 costs little. bfloat16 has float32's range (8 exponent bits): its VAE stays.
+    """
+    return torch.float32 if pipeline_dtype == torch.float16 else pipeline_dtype
+
+
 def cpu_generator(seed: int | None) -> torch.Generator | None:
     """A seeded CPU generator, or None for 'use the global RNG'."""
     if seed is None:

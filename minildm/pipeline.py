@@ -14,6 +14,7 @@ to_z0, from_z0 and config.downsampling_factor. A saved pipeline is a folder of m
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from minildm.autoencoder import AutoencoderKL, check_size_multiple, swap_decoder
 from minildm.checkpoint import config_from_dict
-from minildm.device import cpu_generator, default_dtype, get_device, randn
+from minildm.device import cpu_generator, default_dtype, get_device, randn, vae_dtype
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import SAMPLERS, ModelFn, Sampler, Step, check_strength, img2img_start, make_sampler, sample
 from minildm.saving import model_files, read_json, recover_interrupted_save, write_folder_atomically
@@ -124,6 +125,11 @@ def mismatches(vae, unet, text_encoder, tokenizer: Tokenizer, schedule: NoiseSch
     return problems
 
 
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype a network computes in: that of its first floating-point parameter (or buffer: PixelSpace has one)."""
+    return next(t.dtype for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
+
+
 def kind_of(value) -> str:
     """How a TypeError names what it was given: the type, and for a list or tuple the types inside."""
     if isinstance(value, (list, tuple)):
@@ -159,20 +165,34 @@ class LatentDiffusion:
     in another order (for the shipped model, 1 vs 2 CPU threads move pixels by about 1e-5 on the [-1, 1] scale, a
     few 8-bit values by one level; notebook 08 measures it); another device also has its own kernels, and float16
     on a GPU, so expect close images, not the same bits. `seed=None` draws from torch's global RNG instead.
+
+    One dtype for the pipeline (`dtype`, else the U-Net's), except the VAE's: in a float16 pipeline the VAE keeps
+    float32 weights and runs in float32 (device.vae_dtype, SD's decoder overflows float16); `dtypes` shows them.
     """
 
     def __init__(self, vae: nn.Module, unet: UNet, text_encoder: TextEncoder, tokenizer: Tokenizer,
                  schedule: NoiseSchedule, device: str | torch.device | None = None, guidance_scale: float = 7.5,
-                 sampler_name: str = "ddim", steps: int = 50):
+                 sampler_name: str = "ddim", steps: int = 50, dtype: torch.dtype | None = None):
         problems = mismatches(vae, unet, text_encoder, tokenizer, schedule)
         if problems:
             raise ValueError("the pipeline's parts do not fit: " + "; ".join(problems) + "; use parts trained together")
         check_defaults(guidance_scale, sampler_name, steps)
         self.device = next(unet.parameters()).device if device is None else get_device(device)
-        self.vae, self.unet, self.text_encoder = (m.to(self.device).eval() for m in (vae, unet, text_encoder))
+        self.dtype = next(unet.parameters()).dtype if dtype is None else dtype
+        self.unet, self.text_encoder = (m.to(self.device, self.dtype).eval() for m in (unet, text_encoder))
+        self.vae = vae.to(self.device, vae_dtype(self.dtype)).eval()        # float32 in a float16 pipeline
         self.tokenizer, self.schedule = tokenizer, schedule
-        self.dtype = next(unet.parameters()).dtype
         self.guidance_scale, self.sampler_name, self.steps = guidance_scale, sampler_name, steps
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """What each network computes in, e.g. U-Net and text encoder float16, VAE float32 (device.vae_dtype)."""
+        return {name: dtype_of(getattr(self, name)) for name in ("unet", "text_encoder", "vae")}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for name, dtype in self.dtypes.items())
+        return (f"LatentDiffusion({self.space} space on {self.device}: {parts}; {self.sampler_name}, {self.steps} "
+                f"steps, guidance {self.guidance_scale})")
 
     @property
     def space(self) -> str:
@@ -197,9 +217,10 @@ class LatentDiffusion:
         return list(prompts)
 
     def check_images(self, image: Tensor) -> Tensor:
-        """(3, H, W) or (B, 3, H, W) -> (B, 3, H, W) on the pipeline's device and dtype. The rule: a floating-point
-        tensor, no NaN or inf, every value in [-1, 1]. Values past the ends by at most 1e-4 (rounding) are clamped;
-        anything further is refused with the range found, never saturated. uint8 pixels are refused by type."""
+        """(3, H, W) or (B, 3, H, W) -> (B, 3, H, W) on the pipeline's device, in the VAE's dtype (only the VAE reads
+        it). The rule: a floating-point tensor, no NaN or inf, every value in [-1, 1]. Values past the ends by at most
+        1e-4 (rounding) are clamped; anything further is refused with the range found, never saturated. uint8 pixels
+        are refused by type."""
         channels = getattr(self.vae.config, "in_channels", 3)
         shapes = f"({channels}, H, W) or (B, {channels}, H, W)"
         if not isinstance(image, Tensor):
@@ -219,7 +240,7 @@ class LatentDiffusion:
         if not (low >= -1 - 1e-4 and high <= 1 + 1e-4):
             raise ValueError(f"image values must lie in [-1, 1], got {low:g}..{high:g}; map [0, 1] images with "
                              f"2 x - 1 and [0, 255] ones with x / 127.5 - 1")
-        return image.clamp(-1, 1).to(self.device, self.dtype)
+        return image.clamp(-1, 1).to(self.device, dtype_of(self.vae))
 
     def check_mask(self, mask: Tensor, image: Tensor) -> Tensor:
         """(H, W) or (B, 1, H, W), bool or float, of 0s and 1s (1 = repaint) -> (B, 1, h, w) at latent size: a latent
@@ -249,13 +270,16 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def encode_images(self, image: Tensor) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> z_0 (B, C, h, w): the posterior's mean, times the scale factor."""
-        return self.vae.to_z0(self.vae.encode(self.check_images(image)).mean)
+        """Images (B, 3, H, W) in [-1, 1] -> z_0 (B, C, h, w): the posterior's mean, times the scale factor, in the
+        pipeline's dtype (the VAE's may be float32: see device.vae_dtype)."""
+        z0 = self.vae.to_z0(self.vae.encode(self.check_images(image)).mean)            # (B, C, h, w), the VAE's dtype
+        return z0.to(self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, z0: Tensor) -> Tensor:
         """z_0 (or z_t, or z0_hat from a Step) -> images (B, 3, H, W) in [-1, 1], float32 on the CPU."""
-        x = self.vae.decode(self.vae.from_z0(z0.to(self.device, self.dtype)))
+        z0 = z0.to(self.device, dtype_of(self.vae))      # at the VAE's door: float32 in a float16 pipeline
+        x = self.vae.decode(self.vae.from_z0(z0))                                         # (B, 3, H, W)
         return x.clamp(-1, 1).float().cpu()
 
     def swap_vae_decoder(self, file: str | os.PathLike) -> None:
@@ -273,7 +297,7 @@ class LatentDiffusion:
         except Exception as err:                    # safetensors raises its own types for files it cannot read
             raise ValueError(f"{file}: not a readable VAE file ({err}); give a decoder.safetensors written by "
                              f"save_decoder_file") from err
-        self.vae.to(self.device, self.dtype).eval()
+        self.vae.to(self.device, vae_dtype(self.dtype)).eval()
 
     def swap_vae(self, file: str | os.PathLike) -> None:
         """Use the weights in a VAE file as users have them: SD's (CompVis layout, full or decoder-only, .safetensors
@@ -290,7 +314,7 @@ class LatentDiffusion:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{file}: not a readable VAE file ({reason}); give an SD VAE file (.safetensors or "
                              f".ckpt) or a diffusers vae/ folder") from err
-        self.vae.to(self.device, self.dtype).eval()
+        self.vae.to(self.device, vae_dtype(self.dtype)).eval()
 
     # ------------------------------------------------------------------------------------- generation
 
@@ -410,19 +434,21 @@ class LatentDiffusion:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, **options) -> "LatentDiffusion":
+                        dtype: torch.dtype | None = None, progress: bool = False, **options) -> "LatentDiffusion":
         """Any of the three layouts: our pipeline folder (pipeline.json, see from_folder), a diffusers folder
         (model_index.json) or a CompVis single file (.safetensors / .ckpt); `options` go to the loader
-        (sd_loading.load_diffusers_folder / load_single_file, e.g. prediction_type="v_prediction" for SD 2 768)."""
+        (sd_loading.load_diffusers_folder / load_single_file, e.g. prediction_type="v_prediction" for SD 2 768).
+        `progress` shows a bar over the bytes of Stable Diffusion's weights files on stderr as they are read (our
+        own folders are small: they load without one)."""
         from minildm import sd_loading
 
         path = Path(path)
         if path.is_dir() and (path / PIPELINE_NAME).is_file():
             return cls.from_folder(path, device, dtype=dtype, **options)
         if path.is_dir() and (path / sd_loading.MODEL_INDEX).is_file():
-            return sd_loading.load_diffusers_folder(path, device, dtype, **options)
+            return sd_loading.load_diffusers_folder(path, device, dtype, progress=progress, **options)
         if path.is_file() and path.suffix in sd_loading.SINGLE_FILE_SUFFIXES:
-            return sd_loading.load_single_file(path, device, dtype, **options)
+            return sd_loading.load_single_file(path, device, dtype, progress=progress, **options)
         what = "a folder" if path.is_dir() else "a file" if path.is_file() else "nothing (no such path)"
         raise FileNotFoundError(f"{path}: {what} that is no pipeline we know; give our pipeline folder "
                                 f"({PIPELINE_NAME}), a diffusers folder ({sd_loading.MODEL_INDEX}) or a single "
@@ -474,9 +500,8 @@ class LatentDiffusion:
                              "trained together")
         device = get_device(device)
         dtype = default_dtype(device) if dtype is None else dtype
-        parts = [m.to(device, dtype) for m in (vae, unet, text_encoder)]
-        return cls(*parts, tokenizer, schedule, device, meta.get("guidance_scale", 7.5), meta.get("sampler", "ddim"),
-                   meta.get("steps", 50))
+        return cls(vae, unet, text_encoder, tokenizer, schedule, device, meta.get("guidance_scale", 7.5),
+                   meta.get("sampler", "ddim"), meta.get("steps", 50), dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ saving

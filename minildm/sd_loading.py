@@ -70,10 +70,10 @@ def read_part_config(folder: Path, part: str, name: str = "config.json") -> dict
     return config
 
 
-def read_part_weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+def read_part_weights(folder: Path, part: str, progress: bool = False) -> dict[str, torch.Tensor]:
     for name in WEIGHT_NAMES:
         if (folder / part / name).is_file():
-            return load_state_dict(folder / part / name, f"{part} weights file")
+            return load_state_dict(folder / part / name, f"{part} weights file", progress)
     raise FileNotFoundError(f"{folder}: {part}/ holds no weights ({' or '.join(WEIGHT_NAMES[:2])}); copy them from "
                             f"where the model came from")
 
@@ -87,10 +87,12 @@ def sampler_for_scheduler(config: dict, path: Path) -> str:
 
 
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device | None = None,
-                          dtype: torch.dtype | None = None, guidance_scale: float = 7.5, steps: int = 50):
+                          dtype: torch.dtype | None = None, guidance_scale: float = 7.5, steps: int = 50,
+                          progress: bool = False):
     """A diffusers Stable Diffusion folder -> `LatentDiffusion`. The text encoder's output is its last hidden state
     (SD 1; SD 2's diffusers folders store the text encoder with its 24th block already dropped, so the last of the
-    23 is SD 2's penultimate); the scheduler's class picks the sampler and its config the NoiseSchedule."""
+    23 is SD 2's penultimate); the scheduler's class picks the sampler and its config the NoiseSchedule.
+    `progress`: a bar over each part's weights file as it is read (checkpoint.load_state_dict)."""
     from minildm.pipeline import LatentDiffusion  # pipeline imports us for from_pretrained
 
     folder = Path(path)
@@ -110,10 +112,10 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device | 
     scheduler_config = read_part_config(folder, "scheduler", "scheduler_config.json")
     sampler_name = sampler_for_scheduler(scheduler_config, folder / "scheduler" / "scheduler_config.json")
     schedule = NoiseSchedule.from_diffusers_config(scheduler_config)
-    unet = on_meta(unet_from_diffusers, read_part_config(folder, "unet"), read_part_weights(folder, "unet"))
-    vae = on_meta(vae_from_diffusers, read_part_config(folder, "vae"), read_part_weights(folder, "vae"))
+    unet = on_meta(unet_from_diffusers, read_part_config(folder, "unet"), read_part_weights(folder, "unet", progress))
+    vae = on_meta(vae_from_diffusers, read_part_config(folder, "vae"), read_part_weights(folder, "vae", progress))
     text_encoder = on_meta(text_encoder_from_transformers, read_part_config(folder, "text_encoder"),
-                           read_part_weights(folder, "text_encoder"))
+                           read_part_weights(folder, "text_encoder", progress))
     tokenizer = clip_tokenizer_from_folder(folder / "tokenizer")
     return assemble(LatentDiffusion, vae, unet, text_encoder, tokenizer, schedule, device, dtype, guidance_scale,
                     sampler_name, steps)
@@ -164,8 +166,7 @@ def assemble(cls, vae, unet, text_encoder, tokenizer, schedule, device, dtype, g
 
     device = get_device(device)
     dtype = default_dtype(device) if dtype is None else dtype
-    parts = [m.to(device, dtype) for m in (vae, unet, text_encoder)]
-    return cls(*parts, tokenizer, schedule, device, guidance_scale, sampler_name, steps)
+    return cls(vae, unet, text_encoder, tokenizer, schedule, device, guidance_scale, sampler_name, steps, dtype=dtype)
 
 
 def sd_variant(state_dict: dict[str, torch.Tensor], path: Path) -> str:
@@ -185,7 +186,7 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device | None 
                      dtype: torch.dtype | None = None, prediction_type: str = "epsilon", ema: bool = False,
                      vae_config=None, text_encoder_config=None, heads: int | tuple[int, ...] | None = None,
                      norm_num_groups: int = 32, sampler_name: str = "ddim", guidance_scale: float = 7.5,
-                     steps: int = 50):
+                     steps: int = 50, progress: bool = False):
     """A CompVis single file (.safetensors, or .ckpt read with weights_only=True) -> `LatentDiffusion`.
 
     SD 1 vs SD 2 comes from the text encoder's keys. The file does not say whether the model predicts eps or v:
@@ -193,6 +194,7 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device | None 
     prediction_type="v_prediction". The VAE and text encoder are SD's full-size ones unless `vae_config` /
     `text_encoder_config` say otherwise; the U-Net is read off the tensors (`heads`, `norm_num_groups` as in
     convert.unet_config_from_compvis). The tokenizer is CLIP's shipped vocabulary, padded as each SD pads.
+    `progress`: a bar over the file's bytes as it is read (a 4 GB file takes a while; checkpoint.load_state_dict).
     """
     from minildm.pipeline import LatentDiffusion
 
@@ -200,7 +202,7 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device | None 
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ValueError(f"{path}: a single-file checkpoint ends in {' or '.join(SINGLE_FILE_SUFFIXES)}, got "
                          f"{path.suffix or 'no suffix'!r}")
-    state_dict = load_state_dict(path, "Stable Diffusion checkpoint")
+    state_dict = load_state_dict(path, "Stable Diffusion checkpoint", progress)
     variant = sd_variant(state_dict, path)
     unet = on_meta(unet_from_compvis, unet_config_from_compvis(state_dict, heads, norm_num_groups), state_dict, ema)
     vae = on_meta(vae_from_compvis, state_dict, vae_config)

@@ -9,7 +9,7 @@ import torch
 
 from minildm import saving
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.checkpoint import load_state_dict, load_strict, load_weights_into, read_config
+from minildm.checkpoint import load_state_dict, load_strict, load_weights_into, read_config, tensor_bytes
 from minildm.saving import CONFIG_NAME, WEIGHTS_NAME, save_model
 
 
@@ -153,3 +153,49 @@ def test_truncated_safetensors_raises_value_error_naming_the_file(tmp_path, keep
     path.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
     with pytest.raises(ValueError, match=re.escape(str(path))):
         load_state_dict(path)
+
+
+# --------------------------------------------------------------------- progress over a big file's bytes
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Tensors of every kind a checkpoint holds: float32 and float16 weights, a bfloat16 one, int and bool buffers."""
+    generator = torch.Generator().manual_seed(0)
+    return {"w32": torch.randn(64, 33, generator=generator), "w16": torch.randn(17, 5, generator=generator).half(),
+            "wbf16": torch.randn(9, generator=generator).bfloat16(), "steps": torch.arange(7),
+            "mask": torch.ones(3, 3, dtype=torch.bool).tril(), "scalar": torch.tensor(0.18215)}
+
+
+def assert_identical(ours: dict, expected: dict) -> None:
+    assert sorted(ours) == sorted(expected), f"keys {sorted(ours)}"
+    for key, tensor in expected.items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), f"{key} differs"
+
+
+def test_a_safetensors_load_with_progress_shows_a_bar_over_its_bytes_and_gives_identical_tensors(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    tensors = mixed_tensors()
+    save_file(tensors, tmp_path / "model.safetensors")
+    quiet = load_state_dict(tmp_path / "model.safetensors")
+    assert capsys.readouterr().err == "", "a load shows nothing unless progress is asked for"
+    shown = load_state_dict(tmp_path / "model.safetensors", "U-Net weights", progress=True)
+    bar = capsys.readouterr().err
+    nbytes = sum(t.nbytes for t in tensors.values())
+    assert tensor_bytes(tmp_path / "model.safetensors") == nbytes == 8_705            # the bar's total, from the header
+    total = tqdm.format_sizeof(nbytes)                                                 # "8.71k"
+    assert "U-Net weights" in bar and "100%" in bar and f"{total}/{total}" in bar and "B/s" in bar, bar
+    assert_identical(shown, tensors)
+    assert_identical(quiet, tensors)
+    assert_identical(shown, load_file(tmp_path / "model.safetensors"))          # safetensors' own reader
+
+
+def test_a_ckpt_load_with_progress_says_in_one_line_that_it_has_none_and_gives_identical_tensors(tmp_path, capsys):
+    tensors = mixed_tensors()
+    torch.save({"state_dict": tensors}, tmp_path / "model.ckpt")
+    shown = load_state_dict(tmp_path / "model.ckpt", "Stable Diffusion checkpoint", progress=True)
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "model.ckpt" in said and "no progress" in said, said
+    assert_identical(shown, tensors)
+    assert_identical(load_state_dict(tmp_path / "model.ckpt"), tensors)
+    assert capsys.readouterr().err == ""

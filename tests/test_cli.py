@@ -23,9 +23,12 @@ from minildm.pretrained import PIPELINES, VAES
 SHIPPED = (VAES["shapes64"] / "model.safetensors").is_file() and (PIPELINES["shapes64"] / PIPELINE_NAME).is_file()
 
 
-def one_error_line(capsys, command: str) -> str:
-    """stderr must be exactly one `minildm <command>: error: ...` line, without a traceback."""
+def one_error_line(capsys, command: str, after_loading: bool = False) -> str:
+    """stderr must be exactly one `minildm <command>: error: ...` line, without a traceback (`after_loading`: once
+    the bars of a pipeline's weights files are set aside)."""
     err = capsys.readouterr().err
+    if after_loading:
+        err = "\n".join(line for line in err.split("\n") if " weights file: " not in line)  # a bar ends in \n
     assert err.count("\n") == 1 and err.startswith(f"minildm {command}: error: "), f"not one error line:\n{err}"
     assert "Traceback" not in err, err
     return err
@@ -249,13 +252,31 @@ def test_sample_draws_a_diffusers_sd_folder_at_the_asked_size_with_a_negative_pr
                      "quality", "--dtype", "float32") == 0
     said = capsys.readouterr()
     assert "32x48 (height x width)" in said.out and "s per step" in said.out, said.out
+    assert "unet float32, text_encoder float32, vae float32" in said.out, said.out      # the loaded pipeline
     assert "sampling" in said.err and "2/2" in said.err, said.err                        # the progress bar
+    assert all(f"{part} weights file: 100%" in said.err for part in ("unet", "vae", "text_encoder")), said.err
     assert png_pixels(negative).shape == (32 + 4, 48 + 4, 3)                             # one image, 2-pixel frame
     assert sd_sample(sd_folder, plain, "--height", "32", "--width", "48") == 0
     assert not np.array_equal(png_pixels(negative), png_pixels(plain)), "--negative-prompt changed nothing"
     default = tmp_path / "default.png"
     assert sd_sample(sd_folder, default) == 0                    # the folder's size: sample_size 8 x factor 2
     assert png_pixels(default).shape == (16 + 4, 16 + 4, 3)
+
+
+@pytest.mark.oracle
+def test_from_pretrained_shows_a_bar_per_weights_file_only_when_asked_and_loads_the_same_weights(sd_folder, capsys):
+    import torch
+
+    from minildm.pipeline import LatentDiffusion
+
+    quiet = LatentDiffusion.from_pretrained(sd_folder, device="cpu")
+    assert capsys.readouterr().err == ""
+    shown = LatentDiffusion.from_pretrained(sd_folder, device="cpu", progress=True)
+    bars = capsys.readouterr().err
+    for part in ("unet", "vae", "text_encoder"):
+        assert f"{part} weights file: 100%" in bars, bars
+        ours, theirs = getattr(shown, part).state_dict(), getattr(quiet, part).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), f"{part}: progress changed a weight"
 
 
 @pytest.mark.oracle
@@ -270,7 +291,7 @@ def test_sample_swaps_in_a_vae_file_and_a_bad_one_is_one_line(sd_folder, tmp_pat
     bad = tmp_path / "bad-vae.safetensors"
     bad.write_bytes(b"\xff" * 64)
     assert sd_sample(sd_folder, tmp_path / "never.png", "--vae", str(bad)) == 1
-    assert "bad-vae.safetensors" in one_error_line(capsys, "sample")
+    assert "bad-vae.safetensors" in one_error_line(capsys, "sample", after_loading=True)
     assert not (tmp_path / "never.png").exists()
 
 
@@ -303,7 +324,8 @@ def test_a_single_file_goes_to_from_pretrained_with_prediction_dtype_and_sd_defa
     out = tmp_path / "castle.png"
     assert sd_sample(single, out, "--prediction", "v_prediction", "--dtype", "bfloat16", "--height", "16",
                      "--width", "24") == 0
-    assert seen == {"path": single, "device": "cpu", "dtype": torch.bfloat16, "prediction_type": "v_prediction"}
+    assert seen == {"path": single, "device": "cpu", "dtype": torch.bfloat16, "prediction_type": "v_prediction",
+                    "progress": True}
     assert png_pixels(out).shape == (16 + 4, 24 + 4, 3)
     assert "loading" in capsys.readouterr().out
     assert (default_side(str(single), pipe, "v_prediction"), default_side(str(single), pipe, None)) == (768, 512)

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
-from minildm.pipeline import LatentDiffusion, guided_model_fn, guided_output, img2img_start, mismatches, save_pipeline
+from minildm.pipeline import (
+    LatentDiffusion,
+    check_image_size,
+    guided_model_fn,
+    guided_output,
+    img2img_start,
+    mismatches,
+    save_pipeline,
+)
 from minildm.pixel_space import PixelSpace
 from minildm.samplers import make_sampler
 from minildm.saving import save_model
@@ -360,3 +368,50 @@ def test_loading_the_shipped_pipeline_before_it_is_trained_says_how_to_get_it():
         pytest.skip("the shipped pipeline exists")
     with pytest.raises(FileNotFoundError, match="shipped weights are missing"):
         load_pipeline()
+
+
+# --------------------------------------------------------------------------------- Stable Diffusion's sizes
+
+# SD 1.5's and SD 2.1's unet/config.json (what differs from diffusers' defaults); both VAEs are AutoencoderConfig()
+SD_UNETS = {"sd15": dict(cross_attention_dim=768, attention_head_dim=8),
+            "sd21": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)}
+
+
+def f8_pipe() -> LatentDiffusion:
+    """tiny_pipe with a VAE that divides by 8, as SD's does (four levels): image sides map to latent sides as in SD."""
+    pipe = tiny_pipe()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4))
+    return LatentDiffusion(vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.schedule, "cpu", steps=1,
+                           guidance_scale=1.0)
+
+
+@pytest.mark.parametrize("height, width, latent", [(512, 512, (2, 4, 64, 64)), (768, 512, (2, 4, 96, 64))])
+def test_sd_sizes_give_sd_latents_from_text_to_image(height, width, latent):
+    z0 = f8_pipe().text_to_image(["a red circle", "a blue square"], height=height, width=width,
+                                 output_type="latents")
+    assert tuple(z0.shape) == latent and torch.isfinite(z0).all()
+
+
+@pytest.mark.parametrize("variant", SD_UNETS)
+def test_sd_configs_on_the_meta_device_carry_512_and_768_through_the_u_net_and_the_vae(variant):
+    """SD's own configs, built on the meta device (shapes only, no memory): the size rule and the networks agree."""
+    from minildm.convert import unet_config_from_diffusers
+
+    unet_config, vae_config = unet_config_from_diffusers(SD_UNETS[variant]), AutoencoderConfig()
+    with torch.device("meta"):
+        unet, vae = UNet(unet_config), AutoencoderKL(vae_config)
+        context = torch.empty(2, 77, unet_config.context_dim)                          # (B, L, D)
+        for (height, width), latent in [((512, 512), (64, 64)), ((768, 512), (96, 64))]:
+            assert check_image_size(height, width, vae_config, unet_config) == latent
+            eps = unet(torch.empty(2, 4, *latent), torch.full((2,), 999.0), context)
+            assert tuple(eps.shape) == (2, 4, *latent)
+            assert tuple(vae.decode(eps).shape) == (2, 3, height, width)
+            assert tuple(vae.quant_conv(vae.encoder(torch.empty(1, 3, height, width))).shape) == (1, 8, *latent)
+
+
+def test_an_sd_size_not_divisible_by_8_is_one_line_naming_it_and_a_size_that_fits():
+    with pytest.raises(ValueError) as err:
+        f8_pipe().text_to_image("a red circle", height=500, width=512)
+    assert str(err.value) == ("image size 500x512 is not a multiple of 16 (the VAE divides it by 8, the U-Net by 2 "
+                              "more); use 496x512")
