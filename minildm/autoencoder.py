@@ -164,14 +164,20 @@ class VAEDownsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour copy, then a 3x3 conv to smooth (avoids transposed-conv checkerboards)."""
+    """Double H and W: nearest-neighbour copy, then a 3x3 conv to smooth (avoids transposed-conv checkerboards).
+
+    `size` asks for another size instead: the U-Net's way up meets skips of an odd side (a 65-wide latent goes
+    down to 33, and must come back to 65, not 66), and takes the skip's size, as diffusers' `upsample_size` does."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")   # (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")          # (B, C, size[0], size[1])
         return self.conv(x)
 
 

@@ -85,12 +85,11 @@ def keep_known_region(sampler: Sampler, noise: Tensor, z_known: Tensor,
 # ------------------------------------------------------------------------------------- the parts agree
 
 
-def check_image_size(height: int, width: int, vae_config, unet_config) -> tuple[int, int]:
-    """The latent's (h, w) for an image of height x width. The VAE divides each side by f and the U-Net halves it
-    (levels - 1) times more, so a side must be a multiple of both together."""
-    f, halvings = vae_config.downsampling_factor, unet_config.downsampling_factor
-    why = f"the VAE divides it by {f}, the U-Net by {halvings} more" if f > 1 else f"the U-Net divides it by {halvings}"
-    check_size_multiple(height, width, f * halvings, why)
+def check_image_size(height: int, width: int, vae_config) -> tuple[int, int]:
+    """The latent's (h, w) for an image of height x width. The VAE divides each side by f, so a side must be a
+    multiple of f; the U-Net takes any latent size (its way up returns to the sizes its way down made)."""
+    f = vae_config.downsampling_factor
+    check_size_multiple(height, width, f, f"the VAE divides it by {f}" if f > 1 else "pixel space")
     return height // f, width // f
 
 
@@ -119,7 +118,7 @@ def mismatches(vae, unet, text_encoder, tokenizer: Tokenizer, schedule: NoiseSch
                         f"{schedule.num_timesteps}")
     if image_size is not None:
         try:
-            check_image_size(image_size, image_size, v, u)
+            check_image_size(image_size, image_size, v)
         except (TypeError, ValueError) as err:
             problems.append(str(err))
     return problems
@@ -232,7 +231,7 @@ class LatentDiffusion:
         if image.ndim not in (3, 4) or image.shape[-3] != channels:
             raise ValueError(f"image must be a {shapes} tensor, got shape {tuple(image.shape)}; put channels first")
         image = image[None] if image.ndim == 3 else image
-        check_image_size(image.shape[2], image.shape[3], self.vae.config, self.unet.config)
+        check_image_size(image.shape[2], image.shape[3], self.vae.config)
         bad = (~torch.isfinite(image)).sum().item()
         if bad:
             raise ValueError(f"image holds {bad} NaN or inf values; check how it was loaded and mapped to [-1, 1]")
@@ -343,7 +342,7 @@ class LatentDiffusion:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
-        h, w = check_image_size(height, width, self.vae.config, self.unet.config)
+        h, w = check_image_size(height, width, self.vae.config)
 
         encode = self.text_encoder.encode_prompts
         context = encode(self.tokenizer, prompts, self.device).to(self.dtype)                # (B, L, D)

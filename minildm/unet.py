@@ -68,7 +68,8 @@ class UNetConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        """Latent sides must be multiples of this: each level but the last halves them."""
+        """How much smaller the deepest level's feature map is: each level but the last halves the sides. A side
+        need not be a multiple of it: a halving rounds up, and the way up returns to the skips' sizes."""
         return 2 ** (len(self.block_out_channels) - 1)
 
     @property
@@ -245,7 +246,8 @@ class UNetUpLevel(UNetLevel):
         for i in range(len(self.res)):
             h = self.layer(i, torch.cat([h, skips.pop()], dim=1), time, context)  # (B, C_i, h_i, w_i)
         if self.resample is not None:
-            h = self.resample(h)                                                   # (B, C_i, 2 h_i, 2 w_i)
+            # up to the size of the skip the next level reads: 2 h_i, or 2 h_i - 1 where the way down rounded up
+            h = self.resample(h, size=skips[-1].shape[-2:])                        # (B, C_i, ~2 h_i, ~2 w_i)
         return h
 
 
@@ -305,8 +307,8 @@ class UNet(nn.Module):
         c = self.config
         if zt.ndim != 4 or zt.shape[1] != c.in_channels:
             raise ValueError(f"z_t must be (B, {c.in_channels}, h, w) latents, got shape {tuple(zt.shape)}")
-        check_size_multiple(zt.shape[2], zt.shape[3], c.downsampling_factor,
-                            f"the U-Net halves it {len(c.block_out_channels) - 1} times", what="latent size")
+        check_size_multiple(zt.shape[2], zt.shape[3], 1, "any positive size: the way up returns to the skips' sizes",
+                            what="latent size")
         if any(c.attention_levels) or c.mid_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != c.context_dim:
                 got = "None" if context is None else f"shape {tuple(context.shape)}"

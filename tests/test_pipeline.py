@@ -402,8 +402,8 @@ def test_sd_configs_on_the_meta_device_carry_512_and_768_through_the_u_net_and_t
     with torch.device("meta"):
         unet, vae = UNet(unet_config), AutoencoderKL(vae_config)
         context = torch.empty(2, 77, unet_config.context_dim)                          # (B, L, D)
-        for (height, width), latent in [((512, 512), (64, 64)), ((768, 512), (96, 64))]:
-            assert check_image_size(height, width, vae_config, unet_config) == latent
+        for (height, width), latent in [((512, 512), (64, 64)), ((768, 512), (96, 64)), ((520, 456), (65, 57))]:
+            assert check_image_size(height, width, vae_config) == latent
             eps = unet(torch.empty(2, 4, *latent), torch.full((2,), 999.0), context)
             assert tuple(eps.shape) == (2, 4, *latent)
             assert tuple(vae.decode(eps).shape) == (2, 3, height, width)
@@ -413,5 +413,4 @@ def test_sd_configs_on_the_meta_device_carry_512_and_768_through_the_u_net_and_t
 def test_an_sd_size_not_divisible_by_8_is_one_line_naming_it_and_a_size_that_fits():
     with pytest.raises(ValueError) as err:
         f8_pipe().text_to_image("a red circle", height=500, width=512)
-    assert str(err.value) == ("image size 500x512 is not a multiple of 16 (the VAE divides it by 8, the U-Net by 2 "
-                              "more); use 496x512")
+    assert str(err.value) == "image size 500x512 is not a multiple of 8 (the VAE divides it by 8); use 496x512"

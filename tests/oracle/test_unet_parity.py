@@ -71,6 +71,9 @@ CONFIGS = {
 CASES = {
     "sd_v1_layout_per_item_timesteps": ("sd_v1_layout", 2, 8, 8, [10, 900]),                    # 1.9e-06
     "sd_v1_layout_non_square_16x24": ("sd_v1_layout", 1, 16, 24, [500]),                        # 1.1e-06
+    # sides that three halvings do not divide (a 520x456 image's 65x57 latent, at a tenth): the way down rounds up
+    # (13 -> 7 -> 4 -> 2) and the way up returns to the skips' sizes, as diffusers' upsample_size does
+    "sd_v1_layout_odd_sides_13x11": ("sd_v1_layout", 2, 13, 11, [100, 600]),
     "sd_v1_layout_one_int_for_a_batch_of_3": ("sd_v1_layout", 3, 8, 8, 999),                   # 9.4e-07
     "sd_v1_layout_fractional_timesteps": ("sd_v1_layout", 2, 8, 8, [811.38, 3.71]),             # 1.3e-06
     "sd_v1_layout_one_float_for_the_batch": ("sd_v1_layout", 2, 8, 8, 0.5),                     # 1.0e-06
