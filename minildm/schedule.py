@@ -146,7 +146,8 @@ class NoiseSchedule:
 
     @property
     def log_snr(self) -> Tensor:
-        """lambda_t = log SNR_t; DPM-Solver steps in this variable (its half is log(alpha_t / sigma_t))."""
+        """lambda_t = log SNR_t. DPM-Solver steps in half of it, log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)) =
+        -log sigma_t (not log(alpha_t / ...): here alpha_t = 1 - beta_t, a single step's share)."""
         return self.alpha_bar.log() - (1 - self.alpha_bar).log()
 
     def alpha_bar_at(self, t: Tensor | int) -> Tensor | float:
