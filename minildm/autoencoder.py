@@ -84,8 +84,9 @@ class AutoencoderConfig:
 
 
 def check_size_multiple(height: int, width: int, multiple: int, why: str, what: str = "image size") -> None:
-    """The one size rule, for the VAE, the U-Net and the pipeline: each side a positive multiple of `multiple`,
-    since a network halves it that often (`why` says which). An error suggests the nearest size that works."""
+    """The one size rule, for the VAE and the pipeline (the U-Net takes any positive side): each side a positive
+    multiple of `multiple`, since a network halves it that often (`why` says which). An error suggests the nearest
+    size that works."""
     sides = (height, width)
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sides):
         raise TypeError(f"{what} {height}x{width} must be two whole numbers (int), got {type(height).__name__} and "

@@ -185,7 +185,7 @@ def test_sample_never_overwrites_a_file_unless_forced(folders, tmp_path, capsys)
 
 @pytest.mark.parametrize("case, says", [
     ("unknown word", "unknown words 'pink'"),
-    ("init image size", "image size 40x40 is not a multiple of 16"),
+    ("init image size", "image size 36x36 is not a multiple of 8"),
     ("mask size", "--mask"),
     ("grey mask", "black (keep) and white"),
     ("mask without image", "--init-image"),
@@ -195,7 +195,7 @@ def test_sample_never_overwrites_a_file_unless_forced(folders, tmp_path, capsys)
 def test_sample_rejects_bad_input_with_one_line_and_exit_code_1(folders, tmp_path, capsys, case, says):
     image = write_image(tmp_path / "in.png")
     args = {"unknown word": ["--prompt", "a pink circle"],
-            "init image size": ["--prompt", "a red circle", "--init-image", write_image(tmp_path / "s.png", 40)],
+            "init image size": ["--prompt", "a red circle", "--init-image", write_image(tmp_path / "s.png", 36)],
             "mask size": ["--prompt", "a red circle", "--init-image", image,
                           "--mask", write_image(tmp_path / "m.png", 32, mode="L")],
             "grey mask": ["--prompt", "a red circle", "--init-image", image,

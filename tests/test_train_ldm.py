@@ -319,8 +319,8 @@ def test_bad_options_are_one_line_errors(tmp_path):
         LDMTrainConfig(prediction_type="eps")
     with pytest.raises(ValueError, match="precision"):
         LDMTrainConfig(precision="half")
-    with pytest.raises(ValueError, match="image size 72x72 is not a multiple of 16"):
-        trainer(tmp_path, image_size=72)
+    with pytest.raises(ValueError, match="image size 76x76 is not a multiple of 8"):
+        trainer(tmp_path, image_size=76)
     narrow_text = model_configs(**TINY)
     narrow_text.text_encoder = model_configs(**{**TINY, "text_dim": 16}).text_encoder
     with pytest.raises(ValueError, match="context of width 32 but the text encoder makes 16"):
