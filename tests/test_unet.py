@@ -6,8 +6,6 @@ diffusers needed (tests/oracle/test_unet_parity.py holds the U-Net to diffusers'
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
@@ -325,7 +323,8 @@ def test_checking_gpu_inputs_never_waits_for_the_gpu():
 
 
 def test_a_latent_side_the_levels_do_not_divide_runs_and_comes_back_at_its_own_size():
-    """Three halvings of 14 x 21 round up (14 -> 7 -> 4 -> 2, 21 -> 11 -> 6 -> 3); the way up returns to each skip's size."""
+    """Three halvings of 14 x 21 round up (14 -> 7 -> 4 -> 2, 21 -> 11 -> 6 -> 3); the way up returns to the skips'
+    sizes."""
     model = tiny_unet(block_out_channels=(8, 8, 8, 8), attention_levels=(False, False, False, True))     # f = 8
     zt, context = inputs(batch=1, height=14, width=21)
     sizes = []
