@@ -165,10 +165,9 @@ def reference_models(config: str | StableDiffusionConfig, device: str | torch.de
     import transformers
 
     config = get_config(config)
-    keep = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}          # noqa: E731
+    unet = {k: v for k, v in config.unet.items() if not k.startswith("_")}
     with torch.device(device):
-        models = {"unet": diffusers.UNet2DConditionModel(**keep(config.unet)),
-                  "vae": diffusers.AutoencoderKL(**keep(config.vae))}
+        models = {"unet": diffusers.UNet2DConditionModel(**unet), "vae": diffusers.AutoencoderKL(**config.vae)}
         for i, text in enumerate(config.text_encoders):
             # SDXL's second encoder also projects its pooled output (the U-Net's added conditioning reads it)
             cls = transformers.CLIPTextModelWithProjection if i else transformers.CLIPTextModel
@@ -180,6 +179,8 @@ def reference_models(config: str | StableDiffusionConfig, device: str | torch.de
 
 @dataclass(frozen=True)
 class PartSize:
+    """A part's parameter count and what its weights take in memory (4 bytes each in float32, 2 in float16)."""
+
     part: str
     parameters: int
 
@@ -208,7 +209,10 @@ def unet_levels(unet: dict) -> list[dict]:
     """Per level of a diffusers U-Net dict: channels, whether it attends, heads, head size (channels per head) and
     transformer depth. Read off the dict itself, so it works for SDXL too (our UNetConfig cannot hold it)."""
     channels = tuple(unet.get("block_out_channels", (320, 640, 1280, 1280)))
-    per_level = lambda value: tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(channels)  # noqa
+
+    def per_level(value) -> tuple:                       # diffusers takes one value for all levels, or one each
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(channels)
+
     down = unet.get("down_block_types", SD_DOWN)
     heads = per_level(unet.get("num_attention_heads") or unet.get("attention_head_dim", 8))   # the misnomer
     depth = per_level(unet.get("transformer_layers_per_block", 1))
@@ -222,7 +226,10 @@ def comparison_table() -> list[dict[str, str]]:
     rows = []
     for config in CONFIGS.values():
         levels = unet_levels(config.unet)
-        attending = lambda key: ", ".join(str(lv[key]) if lv["attends"] else "-" for lv in levels)  # noqa: E731
+
+        def attending(key: str, levels=levels) -> str:   # "-" where a level has no attention
+            return ", ".join(str(lv[key]) if lv["attends"] else "-" for lv in levels)
+
         widths = " + ".join(str(t["hidden_size"]) for t in config.text_encoders)
         encoders = " + ".join(f"{n} ({t['hidden_size']})" for n, t in zip(config.encoder_names, config.text_encoders))
         latent = config.unet["sample_size"]
