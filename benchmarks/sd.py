@@ -48,22 +48,23 @@ def build(workdir: Path):
     from safetensors.torch import save_file
 
     from minildm.clip_tokenizer import CLIPTokenizer
+    from minildm.sd_configs import SD15, SD_SCHEDULER
 
     sys.path.insert(0, str(ROOT / "tests" / "oracle"))
-    from test_sd_full_size import SCHEDULE, TEXT, UNET, VAE, empty, fill  # SD 1.5's configs, cheap random weights
+    from test_sd_full_size import empty, fill  # cheap random weights
     from test_unet_compvis import to_compvis as unet_to_compvis  # the tests' own inverse tables
     from test_vae_parity import to_compvis as vae_to_compvis
 
-    unet = fill(empty(lambda: diffusers.UNet2DConditionModel(**UNET)), 0)
-    vae = fill(empty(lambda: diffusers.AutoencoderKL(**VAE)), 1)
-    text_encoder = fill(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)), 2)
+    unet = fill(empty(lambda: diffusers.UNet2DConditionModel(**SD15.unet)), 0)          # SD 1.5's configs
+    vae = fill(empty(lambda: diffusers.AutoencoderKL(**SD15.vae)), 1)
+    text_encoder = fill(transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15.text_encoders[0])), 2)
     CLIPTokenizer.shipped(pad_token="<|endoftext|>").save(workdir / "tokenizer")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(workdir / "tokenizer")
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=diffusers.DDIMScheduler(**SCHEDULE), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+                                             scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER),
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(workdir / "sd15")
-    state = {**unet_to_compvis(unet), **vae_to_compvis(vae.state_dict(), len(VAE["block_out_channels"]))}
+    state = {**unet_to_compvis(unet), **vae_to_compvis(vae.state_dict(), len(SD15.vae["block_out_channels"]))}
     prefix = "cond_stage_model.transformer.text_model."                   # SD 1 files' (transformers 5 drops
     state.update({prefix + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()})   # it)
     save_file({k: v.contiguous() for k, v in state.items()}, str(workdir / "sd15.safetensors"))
@@ -89,10 +90,12 @@ def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 
 def compare_speed(pipe, ours, side: int, repeats: int) -> list[tuple]:
+    from minildm.sd_configs import SD15
+
     generator = torch.Generator().manual_seed(3)
     z = torch.randn(2, 4, side, side, generator=generator)                        # (2B, 4, h, w): cond + uncond
     t = torch.full((2,), 801)
-    context = torch.randn(2, 77, 768, generator=generator)                         # (2B, 77, 768)
+    context = torch.randn(2, 77, SD15.context_dim, generator=generator)            # (2B, 77, 768)
     z1 = z[:1]
     with torch.no_grad():
         unet_err = relative(ours.unet(z, t, context), pipe.unet(z, t, encoder_hidden_states=context).sample)

@@ -27,20 +27,15 @@ transformers = pytest.importorskip("transformers")
 
 from minildm.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
+from minildm.sd_configs import SD15, SD_SCHEDULER  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 
 RTOL = 1e-4                                    # of max |diffusers' value|
 UNET_PARAMETERS, VAE_PARAMETERS, TEXT_PARAMETERS = 859_520_964, 83_653_863, 123_060_480
-# SD 1.5's unet/config.json, vae/config.json and text_encoder/config.json (what differs from the classes' defaults)
-UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-TEXT = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=768, intermediate_size=3072,
-            num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
-SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+# SD 1.5's unet/config.json, vae/config.json and text_encoder/config.json (what differs from the classes' defaults),
+# and its schedule (run by DDIM here), from minildm/sd_configs.py
+UNET, VAE, (TEXT,), SCHEDULE = SD15.unet, SD15.vae, SD15.text_encoders, SD_SCHEDULER
 PROMPT, NEGATIVE, SIZE, STEPS = "a photograph of an astronaut riding a horse", "blurry", 64, 2
 
 
