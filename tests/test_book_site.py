@@ -106,9 +106,12 @@ def test_build_refuses_a_folder_it_did_not_build(tmp_path):
 
 
 def needs_book_extra():
-    for module in ("sphinx", "myst_nb", "sphinx_book_theme", "sphinx_copybutton", "mathjax"):
-        pytest.importorskip(module, reason=f"the book's extra is not installed ({module} is missing): "
-                                           "pip install -e \".[book]\"")
+    from minildm.book.build import require_extra
+
+    try:
+        require_extra()
+    except ImportError as err:
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,21 @@ class Site:
     warnings: list[str]
 
 
+def require_extra() -> None:
+    """Name the missing package and the command that installs it, instead of a bare ModuleNotFoundError."""
+    import importlib.util
+
+    missing = [m for m in ("sphinx", "myst_nb", "sphinx_book_theme", "sphinx_copybutton", "mathjax")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the book needs {', '.join(missing)}, which is not installed; install the book's extra: "
+                          "pip install -e \".[book]\"")
+
+
 def mathjax_source() -> Path:
     """MathJax 3's es5 folder, from the `mathjax` package that django-static-mathjax installs."""
-    try:
-        import mathjax
-    except ImportError:
-        raise ImportError("the book needs MathJax's files; install the book's extra: pip install -e \".[book]\"") \
-            from None
+    import mathjax
+
     folder = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
     if not (folder / "tex-chtml.js").is_file():
         raise ImportError(f"{folder} has no tex-chtml.js: the installed `mathjax` package is not MathJax 3's files; "
@@ -84,6 +92,8 @@ def sphinx_settings(static: Path) -> dict:
         "html_sourcelink_suffix": "",                    # the download button offers the .ipynb itself
         "html_last_updated_fmt": None,
         "mathjax_path": "mathjax/tex-chtml.js",          # relative to _static: our copy, not the CDN
+        # an undefined macro (\frc) is a visible error (and one the browser test counts), not quiet red text
+        "mathjax3_config": {"tex": {"packages": {"[-]": ["noundefined"]}}},
         "suppress_warnings": ["myst.header"],            # chapters may skip a heading level; that is not an error
     }
 
@@ -108,6 +118,7 @@ def replaceable(out: Path) -> set[str] | None:
 def build(out: str | os.PathLike, root: str | os.PathLike = REPO_ROOT, chapters: str | os.PathLike | None = None,
           notebooks: str | os.PathLike | None = None, strict: bool = False) -> Site:
     """Build the book into the folder `out`. `strict` turns Sphinx's warnings into errors."""
+    require_extra()
     from sphinx.application import Sphinx
 
     from minildm.saving import files_in, put_away

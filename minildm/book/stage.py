@@ -131,8 +131,8 @@ def stage_sources(stage: Path, root: Path, files: list[str],
         (stage / f"{doc}.md").write_text(source_page(path, text, quotes.get(path, {})), encoding="utf-8")
         summary = (ast.get_docstring(ast.parse(text)) or "").split("\n\n")[0].replace("\n", " ")
         rows.append(f"| {{doc}}`{path} </{doc}>` | {summary.replace('|', '/')} |")
-    index = ["# The code, file by file", "", "Every file of the package, as the chapters quote it. Each quote in a chapter links "
-             "to its lines here.", "", "| file | what it is for |", "|---|---|", *rows, "",
+    index = ["# The code, file by file", "", "Every file of the package. Each quote in a chapter links to its lines "
+             "here.", "", "| file | what it is for |", "|---|---|", *rows, "",
              "```{toctree}", ":hidden:", "", *[f"/{source_doc(p)}" for p in files], "```", ""]
     (stage / "source" / "index.md").write_text("\n".join(index), encoding="utf-8")
     return ["source/index", *[source_doc(p) for p in files]]
