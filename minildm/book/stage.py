@@ -207,13 +207,19 @@ def readme_section(readme: str, heading: str) -> str:
     return match[1].strip()
 
 
-def link_chapters(text: str, chapters: dict[str, str]) -> str:
-    """The README's chapter table with each chapter's number turned into a link to it, where it exists."""
+def link_chapters(text: str, chapters: dict[str, str], docs: dict[str, str]) -> str:
+    """The README's chapter table with each row's number linked to its chapter and its notebook's path shortened
+    to a link named "notebook" (a long path would not wrap), where they exist."""
     def chapter(match: re.Match) -> str:
         doc = chapters.get(match[1])
         return f"| {{doc}}`{match[1]} </{doc}>` |" if doc else match[0]
 
-    return re.sub(r"^\| *(\d\d) *\|", chapter, text, flags=re.MULTILINE)
+    def notebook(match: re.Match) -> str:
+        doc = docs.get(match[1])
+        return f"| {{doc}}`notebook </{doc}>` |" if doc else match[0]
+
+    text = re.sub(r"^\| *(\d\d) *\|", chapter, text, flags=re.MULTILINE)
+    return re.sub(r"\| *`(notebooks/[\w.-]+\.ipynb)` *\| *$", notebook, text, flags=re.MULTILINE)
 
 
 def front_page(readme: str, book: Book, docs: dict[str, str]) -> str:
@@ -221,7 +227,8 @@ def front_page(readme: str, book: Book, docs: dict[str, str]) -> str:
     chapters = {doc.split("/")[1][:2]: doc for doc in book.chapters}
     parts = ["# minildm: latent diffusion, built to be read", "", overview, ""]
     for heading in README_SECTIONS:
-        parts += [f"## {heading}", "", link_chapters(link_paths(readme_section(readme, heading), docs), chapters), ""]
+        section = link_chapters(readme_section(readme, heading), chapters, docs)
+        parts += [f"## {heading}", "", link_paths(section, docs), ""]
 
     def toctree(caption: str, docs: list[str]) -> list[str]:
         return ["```{toctree}", ":hidden:", f":caption: {caption}", "", *[f"/{d}" for d in docs], "```", ""]
