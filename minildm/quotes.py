@@ -149,8 +149,9 @@ def definitions(body: list[ast.stmt]) -> dict[str, ast.AST]:
     return found
 
 
-def object_source(path: str, name: str, root: str | Path = REPO_ROOT) -> str:
-    """The source of `name` in the file `path` (relative to `root`): decorators included, dedented, no final newline."""
+def object_lines(path: str, name: str, root: str | Path = REPO_ROOT) -> tuple[str, int, int]:
+    """The text of the file `path` (relative to `root`) and the first and last line (1-based) of `name` in it,
+    decorators included: where a reader finds the quoted object (the book links each quote to these lines)."""
     file = Path(root) / path
     if not file.is_file():
         raise QuoteError(f"the quote names {path}, which does not exist under {Path(root)}; fix the path in the "
@@ -168,7 +169,13 @@ def object_source(path: str, name: str, root: str | Path = REPO_ROOT) -> str:
                              f"{available}); fix the name in the <!-- quote: ... --> line or delete the quote")
         node = names[part]
     first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-    lines = text.splitlines()[first - 1:node.end_lineno]
+    return text, first, node.end_lineno
+
+
+def object_source(path: str, name: str, root: str | Path = REPO_ROOT) -> str:
+    """The source of `name` in the file `path` (relative to `root`): decorators included, dedented, no final newline."""
+    text, first, last = object_lines(path, name, root)
+    lines = text.splitlines()[first - 1:last]
     lines = [line for line in lines if not is_marker(line)]     # exercise markers are for the workbook, not the reader
     return textwrap.dedent("\n".join(lines)).rstrip("\n")
 
