@@ -23,6 +23,7 @@ from minildm.pixel_space import PixelSpace
 from minildm.samplers import make_sampler
 from minildm.saving import save_model
 from minildm.schedule import NoiseSchedule
+from minildm.sd_configs import SD15, SD21
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer, save_text_encoder
 from minildm.unet import UNet, UNetConfig
 
@@ -371,8 +372,7 @@ def test_loading_the_shipped_pipeline_before_it_is_trained_says_how_to_get_it():
 # --------------------------------------------------------------------------------- Stable Diffusion's sizes
 
 # SD 1.5's and SD 2.1's unet/config.json (what differs from diffusers' defaults); both VAEs are AutoencoderConfig()
-SD_UNETS = {"sd15": dict(cross_attention_dim=768, attention_head_dim=8),
-            "sd21": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)}
+SD_UNETS = {"sd15": SD15.unet, "sd21": SD21.unet}
 
 
 def f8_pipe() -> LatentDiffusion:

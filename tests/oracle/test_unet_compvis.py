@@ -29,6 +29,7 @@ from minildm.convert import (  # noqa: E402
     unet_config_from_diffusers,
     unet_from_compvis,
 )
+from minildm.sd_configs import SD15, SD21  # noqa: E402
 from minildm.unet import UNet, UNetConfig  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("one_thread")]    # one_thread: tests/conftest.py
@@ -238,8 +239,7 @@ def test_a_config_of_another_layers_per_block_is_refused():
 
 # ----------------------------------------------------------------------------------------- full size, on meta
 
-SD_V1_5 = dict(sample_size=64, cross_attention_dim=768)
-SD_V2_1 = dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+SD_V1_5, SD_V2_1 = SD15.unet, SD21.unet          # SD's own unet/config.json (what differs from the defaults)
 FULL = {"sd_v1_5": (SD_V1_5, UNetConfig()),                  # SD 1: 8 heads; SD 2: heads of 64 channels
         "sd_v2_1": (SD_V2_1, UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, use_linear_projection=True))}
 

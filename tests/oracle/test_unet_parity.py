@@ -21,6 +21,7 @@ from minildm.convert import (  # noqa: E402
     unet_config_from_diffusers,
     unet_from_diffusers,
 )
+from minildm.sd_configs import SD15, SD21  # noqa: E402
 from minildm.unet import UNet, UNetConfig  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("one_thread")]    # one_thread: tests/conftest.py
@@ -163,9 +164,7 @@ def test_the_converted_unet_reads_the_prompt_and_the_timestep_like_diffusers():
 
 # ----------------------------------------------------------------------------------------- full-size layouts
 
-SD_V1_5 = dict(sample_size=64, cross_attention_dim=768)          # the rest of SD v1.5's unet/config.json = defaults
-SD_V2_1 = dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-               upcast_attention=True)
+SD_V1_5, SD_V2_1 = SD15.unet, SD21.unet          # SD's own unet/config.json (what differs from the defaults)
 
 
 @pytest.mark.parametrize(
