@@ -84,6 +84,27 @@ class GaussianMixture:
         means = self.means[:, None] + gain[:, None, None] * (zt[None] - a * self.means[:, None])   # (K, N, D)
         return torch.einsum("nk,knd->nd", r, means)
 
+    def cdf(self, z: Tensor) -> Tensor:
+        """P(Z <= z) of a 1-D mixture, (N,). In 1-D the probability-flow ODE keeps the order of points, so its exact
+        solution from level t to the data maps each point to the data's quantile at the point's cdf under q(z_t)."""
+        if self.dim != 1:
+            raise ValueError(f"cdf is for 1-D mixtures; this one has {self.dim} dimensions")
+        z = z.double().reshape(-1, 1)                                           # (N, 1)
+        # F(z) = sum_k pi_k Phi((z - mu_k) / s_k)
+        return (self.weights * torch.special.ndtr((z - self.means[:, 0]) / self.stds)).sum(1)
+
+    def quantile(self, u: Tensor, iterations: int = 200) -> Tensor:
+        """The inverse of `cdf`, (N,), by bisection (the cdf rises, so halving the bracket always keeps the root)."""
+        u = u.double().reshape(-1)
+        spread = 12 * self.stds.max().item() + 1
+        low = torch.full_like(u, self.means.min().item() - spread)
+        high = torch.full_like(u, self.means.max().item() + spread)
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            below = self.cdf(middle) < u
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return (low + high) / 2
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws, (n, D): pick a component by its weight, then add its noise."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)   # (n,)
