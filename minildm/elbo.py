@@ -85,7 +85,7 @@ def elbo_weights(schedule: NoiseSchedule) -> Tensor:
 
 
 def loss_weights(schedule: NoiseSchedule, weighting: str, gamma: float = 5.0) -> Tensor:
-    """The weight w_t, (T,), that an objective puts on |eps - eps_hat|^2 at t, all on one scale (Kingma et al. 2021).
+    """The weight w_t, (T,), that an objective puts on |eps - eps_hat|^2 at t, all on one scale (Kingma & Gao 2023).
 
     epsilon (L_simple): 1; sample (x0-MSE): 1 / SNR_t; v_prediction (v-MSE): 1 + 1 / SNR_t; min_snr (Hang et al.
     2023, x0-MSE weighted by min(SNR_t, gamma)): min(SNR_t, gamma) / SNR_t; elbo: `elbo_weights`.
