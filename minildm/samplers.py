@@ -167,6 +167,18 @@ class DiscreteSampler(Sampler):
         return z0, eps
 
 
+def ddpm_posterior(ab_t: float, ab_prev: float, z0: Tensor, zt: Tensor) -> tuple[Tensor, float]:
+    """q(z_prev | z_t, z_0) = N(mean, variance I): the step back when z_0 is known (Ho et al. 2020, eqs. 6-7), between
+    any two levels ab_t < ab_prev. DDPM samples it with z0_hat in place of z_0; the ELBO (minildm/elbo.py) compares
+    it with that guess."""
+    beta_t = 1 - ab_t / ab_prev                     # the one-step beta between the two levels
+    # mean = sqrt(ab_prev) beta_t / (1 - ab_t) z_0 + sqrt(1 - beta_t) (1 - ab_prev) / (1 - ab_t) z_t
+    mean = ((math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0
+            + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * zt)
+    # variance = (1 - ab_prev) / (1 - ab_t) beta_t
+    return mean, (1 - ab_prev) / (1 - ab_t) * beta_t
+
+
 class DDPM(DiscreteSampler):
     """Ho et al. (2020): sample the posterior q(z_prev | z_t, z0_hat), a Gaussian with known mean and variance.
     The last step aims at a clean latent (alpha_bar = 1), as the paper's chain ends at z_0."""
@@ -186,18 +198,15 @@ class DDPM(DiscreteSampler):
     def step(self, i, z, output, generator):
         t = int(self.steps[i])
         ab_t, ab_prev = float(self.schedule.alpha_bar[t]), self.alpha_bar_after(i)
-        beta_t = 1 - ab_t / ab_prev                     # the one-step beta between the two chosen timesteps
         z0, _ = self.predict(z, output, t)
-        # posterior mean = sqrt(ab_prev) beta_t / (1 - ab_t) z0_hat + sqrt(1 - beta_t) (1 - ab_prev) / (1 - ab_t) z_t
-        mean = ((math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * z0
-                + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * z)
+        # the posterior q(z_prev | z_t, z_0) with z0_hat in place of z_0
+        mean, posterior_variance = ddpm_posterior(ab_t, ab_prev, z0, z)
         if t == 0:
             return mean, z0
         if self.variance_type == "fixed_small":
-            # posterior variance = (1 - ab_prev) / (1 - ab_t) beta_t   (the exact one when z_0 is known)
-            variance = max((1 - ab_prev) / (1 - ab_t) * beta_t, 1e-20)
+            variance = max(posterior_variance, 1e-20)   # the exact one when z_0 is known
         else:
-            variance = beta_t                            # fixed_large: the upper bound (Ho et al. found both work)
+            variance = 1 - ab_t / ab_prev               # fixed_large: beta_t, the upper bound (Ho et al.: both work)
         noise = randn(z.shape, generator, z.device, z.dtype)
         return mean + math.sqrt(variance) * noise, z0
 
