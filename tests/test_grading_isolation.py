@@ -9,6 +9,7 @@ suite grades a few times, not once per attack.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_grading import copy_of, reference_solution, workbook, write_solution  # noqa: F401 - workbook: a fixture
 
-from minildm.grading import grader
+from minildm.grading import grader, plugin
 from minildm.grading.isolation import available_level
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,3 +247,32 @@ def test_this_machine_offers_namespaces_when_run_as_root():
     if os.geteuid() == 0:
         assert available_level() == "root"
     assert available_level() in ("root", "userns", "none")
+
+
+@pytest.mark.parametrize("line", ["{", "[1, 2]", '{"event": "result"}', '{"event": "collected", "nodeid": "x"}',
+                                  '{"event": "result", "nodeid": 3, "outcome": "passed"}', "[" * 100000])
+def test_a_malformed_log_line_from_the_worker_is_ignored_not_a_crash_of_the_grader(line):
+    assert grader.parse_event(line) is None
+
+
+def test_a_log_message_is_cut_to_the_plugins_length():
+    event = grader.parse_event(json.dumps({"event": "result", "nodeid": "t", "outcome": "failed",
+                                           "message": "x" * 10**6}))
+    assert event is not None and len(event["message"]) == grader.MAX_MESSAGE == plugin.MAX_MESSAGE
+
+
+def test_every_graded_region_is_inside_a_function_the_grader_can_name():
+    from minildm.grading.regions import RegionError, enclosing_function, find_regions
+    from minildm.grading.workbook import check_markers
+
+    names = {}
+    for task, regions in check_markers(ROOT).items():
+        for region in regions:
+            if not region.path.startswith("minildm/grading/"):       # regions.py's docstring shows an example
+                names[task] = enclosing_function((ROOT / region.path).read_text(), region)
+    assert sorted(names) == sorted(check_markers(ROOT))
+    assert names["ch02.gaussian_kl"] == "DiagonalGaussian.kl" and names["ch02.psnr"] == "psnr"
+    assert names["ch05.resblock"] == "TimestepResBlock.forward"
+    outside = "x = 1\n# BEGIN SOLUTION ch01.a\ny = 2\n# END SOLUTION\n"
+    with pytest.raises(RegionError, match="not inside a function"):
+        enclosing_function(outside, find_regions(outside, "m.py")[0])

@@ -48,6 +48,7 @@ from minildm.saving import read_json
 
 HERE = Path(__file__).resolve().parent
 PLUGIN = "minildm_grade_plugin"
+MAX_MESSAGE = 600                     # as plugin.MAX_MESSAGE: what one test may say in the report
 IMPORT_CHECK = "minildm_grade_importcheck"
 PYTEST_INI = """[pytest]
 addopts = --strict-markers -p no:cacheprovider
@@ -342,7 +343,7 @@ def run_tests(box: Sandbox, task_ids: list[str], zero: set[str], python: str, ti
                 r = results[e["nodeid"]]
                 r.outcome, r.message, r.exception = e["outcome"], e.get("message") or "", e.get("exception")
             elif e["event"] in ("fatal", "collect_error"):
-                problems.append(f"{e.get('nodeid', 'pytest')}: {e['message']}")
+                problems.append(f"{e.get('nodeid', 'pytest')}: {e.get('message', '')}")
         if running is not None and running in results:
             r = results[running]
             r.outcome = "timed out" if killed else "crashed"
@@ -371,13 +372,14 @@ def watch(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[str | None
     while True:
         done = proc.poll() is not None
         if log.exists():
-            with open(log, encoding="utf-8") as f:
+            with open(log, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
-            complete = chunk[:chunk.rfind("\n") + 1]
-            offset += len(complete.encode("utf-8"))
-            for line in complete.splitlines():
-                event = json.loads(line)
+            complete = chunk[:chunk.rfind(b"\n") + 1]
+            offset += len(complete)
+            for event in map(parse_event, complete.decode("utf-8", errors="replace").splitlines()):
+                if event is None:
+                    continue
                 if event["event"] == "start":
                     running, since = event["nodeid"], time.monotonic()
                 elif event["event"] == "result" and event["nodeid"] == running:
@@ -412,16 +414,38 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+EVENT_FIELDS = {"event": str, "nodeid": str, "task": str, "points": (int, float), "outcome": str,
+                "message": (str, type(None)), "exception": (str, type(None))}
+
+
+def parse_event(line: str) -> dict | None:
+    """One log line, or None if it is not a well-formed event (the log is written by the worker: never trusted
+    to be valid; a malformed line must not stop the grader). Messages are cut to the plugin's length."""
+    try:
+        event = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(event, dict) or "event" not in event:
+        return None
+    if any(not isinstance(event[k], kind) for k, kind in EVENT_FIELDS.items() if k in event):
+        return None
+    if event["event"] in ("collected", "start", "result") and "nodeid" not in event:
+        return None
+    if event["event"] == "collected" and ("task" not in event or "points" not in event):
+        return None
+    if event["event"] == "result" and "outcome" not in event:
+        return None
+    for key in ("message", "exception"):
+        if isinstance(event.get(key), str):
+            event[key] = event[key][:MAX_MESSAGE]
+    return event
+
+
 def read_log(log: Path) -> list[dict]:
     if not log.exists():
         return []
-    events = []
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break                                   # the last line of a killed process may be cut short
-    return events
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [e for e in map(parse_event, lines) if e is not None]   # a killed process's last line may be cut
 
 
 # ------------------------------------------------------------------------------------------------ scoring
