@@ -97,7 +97,8 @@ raise NotImplementedError("ch02.psnr: gave up")
 WRITE_OUTSIDE = f'''
 import pathlib
 for path in [{str(ROOT / "minildm" / "planted.py")!r}, {str(ROOT / "planted.txt")!r}, "/planted.txt",
-             "/var/tmp/planted.txt", str(pathlib.Path.home() / "planted.txt")]:
+             "/var/tmp/planted.txt", str(pathlib.Path.home() / "planted.txt"), "STUDENT/planted.txt",
+             "STUDENT/minildm/metrics.py"]:
     try:
         pathlib.Path(path).write_text("planted")
     except Exception:
@@ -116,23 +117,25 @@ os._exit(0)
 '''
 
 
+@pytest.mark.slow
 def test_reading_deleting_writing_allocating_and_exiting_score_zero_and_change_nothing(workbook, tmp_path):  # noqa: F811
+    if available_level() == "none":
+        pytest.skip("this machine allows no isolation (neither root nor user namespaces): the report warns instead")
     attacks = {"ch01.latent_shape": READ_THE_REFERENCE, "ch02.psnr": DELETE_THE_TESTS,
-               "ch02.gaussian_kl": WRITE_OUTSIDE, "ch03.q_sample": ALLOCATE, "ch03.eps_to_z0": EXIT}
+               "ch02.gaussian_kl": WRITE_OUTSIDE.replace("STUDENT", str(tmp_path / "student")),
+               "ch03.q_sample": ALLOCATE, "ch03.eps_to_z0": EXIT}
     before = fingerprint(ROOT / "minildm", ROOT / "tests")
     student = attacked(workbook, tmp_path, attacks)
     started = time.monotonic()
     report = grader.grade(student, ["ch01", "ch02.psnr", "ch02.gaussian_kl", "ch02.reparameterize", "ch03"])
     print(f"graded 5 attacks in {time.monotonic() - started:.1f} s at isolation {report.isolation}")
     check(report, attacks, before)
-    if report.isolation != "none":
-        shape = {g.task.id: g for g in report.grades}["ch01.latent_shape"]
-        messages = [t.message for t in shape.tests]
-        assert "nothing found" in messages and not any("def " in m or "import" in m for m in messages), messages
+    shape = {g.task.id: g for g in report.grades}["ch01.latent_shape"]
+    messages = [t.message for t in shape.tests]
+    assert "nothing found" in messages and not any("def " in m or "import" in m for m in messages), messages
     assert not (ROOT / "minildm" / "planted.py").exists() and not (ROOT / "planted.txt").exists()
-    if report.isolation != "none":
-        assert not Path("/planted.txt").exists() and not Path("/var/tmp/planted.txt").exists()
-        assert not (student / "planted.txt").exists()
+    assert not Path("/planted.txt").exists() and not Path("/var/tmp/planted.txt").exists()
+    assert not (student / "planted.txt").exists() and "planted" not in (student / "minildm" / "metrics.py").read_text()
     psnr = {g.task.id: g for g in report.grades}["ch02.psnr"]
     assert psnr.possible == grader.grade(ROOT, ["ch02.psnr"]).possible        # no test went missing
 
@@ -213,6 +216,7 @@ raise ValueError("\\n".join(found)[-3000:] or "nothing found")
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 18, step 2: the tests still share the worker's process; the proxy "
                                        "design (tests in the grader, only student calls in the worker) fixes this")
 def test_monkeypatching_pytest_or_reading_hidden_tests_scores_zero(workbook, tmp_path):  # noqa: F811
@@ -276,3 +280,22 @@ def test_every_graded_region_is_inside_a_function_the_grader_can_name():
     outside = "x = 1\n# BEGIN SOLUTION ch01.a\ny = 2\n# END SOLUTION\n"
     with pytest.raises(RegionError, match="not inside a function"):
         enclosing_function(outside, find_regions(outside, "m.py")[0])
+
+
+def test_the_worker_gets_a_user_id_no_account_or_process_has():
+    import pwd
+
+    from minildm.grading.isolation import worker_user
+
+    uid, gid = worker_user()
+    assert uid == gid and uid > 0
+    if uid != pwd.getpwnam("nobody").pw_uid:
+        with pytest.raises(KeyError):
+            pwd.getpwuid(uid)
+        owners = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                owners.add(os.stat(f"/proc/{pid}").st_uid)
+            except OSError:                               # ended meanwhile
+                continue
+        assert uid not in owners

@@ -11,8 +11,8 @@ grader's own plans sit beside it, in trusted/):
     minildm_grade_plugin.py       grading/plugin.py: selects the tests, logs each outcome as a JSON line
     out/                          the one folder the worker may write: the logs
 
-pytest runs there in a worker process, isolated as far as the machine allows (isolation.py: namespaces, the user
-`nobody`, resource limits; the report names the level). The grader reads the log as it grows: a test that runs
+pytest runs there in a worker process, isolated as far as the machine allows (isolation.py: namespaces, a user id
+of its own, resource limits; the report names the level). The grader reads the log as it grows: a test that runs
 longer than the timeout is killed with its process, marked "timed out", and the tests after it run in a fresh
 process, so a hanging exercise fails only its own test; the other tests of its task are not run (one hang costs
 one timeout per task, not one per test; a crash likewise). A test's points count when it passes; a task whose tests

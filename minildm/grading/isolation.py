@@ -2,9 +2,10 @@
 
 Three levels, the best available is used and named in the report:
 
-    root      as root: fresh mount/PID/network/IPC namespaces (launch.py), the worker runs as the unprivileged
-              user `nobody`; it sees the system's folders and Python read-only, the grading folder read-only (but
-              for out/), and nothing else: no reference, no tests, no student folder, no home folders
+    root      as root: fresh mount/PID/network/IPC namespaces (launch.py), the worker runs under an unprivileged
+              user id of its own (worker_user); it sees the system's folders and Python read-only, the grading
+              folder read-only (but for out/), and nothing else: no reference, no tests, no student folder, no
+              home folders
     userns    without root but with user namespaces: the same namespaces, but the worker keeps your user id
               (files it can still see are only the system's and Python's, mounted read-only)
     none      a plain child process with resource limits: student code can read and write whatever you can
@@ -33,7 +34,7 @@ WORK = "/tmp/work"                 # where launch.py mounts the grading folder i
 KEEP_AT_ROOT = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "sys", "tmp"}
 NAMESPACES = ["--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--ipc"]
 DESCRIPTIONS = {
-    "root": "root: namespaces (mount, PID, network, IPC), unprivileged user 'nobody', read-only view without the "
+    "root": "root: namespaces (mount, PID, network, IPC), a dedicated unprivileged user id, read-only view without the "
             "reference, the tests or the student's folder, resource limits",
     "userns": "user namespace: namespaces (mount, PID, network, IPC) and resource limits, but student code runs "
               "with your user id",
@@ -145,6 +146,11 @@ class Sandbox:
     work: Path
     level: str
     limits: Limits = Limits()
+    user: tuple[int, int] | None = None       # (uid, gid) of the worker at level root, chosen once per grading
+
+    def __post_init__(self):
+        if self.level == "root" and self.user is None:
+            self.user = worker_user()
 
     @property
     def out(self) -> Path:
@@ -161,10 +167,9 @@ class Sandbox:
             path.chmod(0o755 if path.is_dir() else 0o644)
         self.out.mkdir(exist_ok=True)
         if self.level == "root":
-            nobody = worker_user()
-            os.chown(self.out, *nobody)
+            os.chown(self.out, *self.user)
             self.out.chmod(0o700)
-            self.work.parent.chmod(0o711)         # nobody may pass through to work/, not list it
+            self.work.parent.chmod(0o711)         # the worker may pass through to work/, not list it
 
     def command(self, argv: list[str], name: str) -> tuple[list[str], dict | None, callable | None]:
         """(argv, env, preexec_fn) that run `argv` (a command inside the worker) at this sandbox's level."""
@@ -178,7 +183,7 @@ class Sandbox:
         essential = essential_paths()
         dirs, files, rebuild = hidden_paths(essential)
         processes = self.limits.processes + (own_processes() if self.level == "userns" else 0)
-        uid, gid = worker_user() if self.level == "root" else (None, None)
+        uid, gid = self.user if self.level == "root" else (None, None)
         plan = {"work": str(self.work), "out": str(self.out), "hide_dirs": dirs, "hide_files": files,
                 "rebuild": rebuild, "readonly": essential, "tmp_size": self.limits.tmp_size,
                 "limits": self.limits.rlimits(processes),
@@ -190,7 +195,26 @@ class Sandbox:
                  str(plan_file)], None, None)
 
 
-def worker_user() -> tuple[int, int]:
+def worker_user(first: int = 60000, count: int = 5000) -> tuple[int, int]:
+    """A user and group id of the worker's own: no account has it and no process runs as it, so the worker owns
+    no file and RLIMIT_NPROC counts only its processes (with the shared `nobody`, a fork bomb in one grading would
+    starve another). Chosen in 60000-64999 (ids every system can map), from this process's id; `nobody` if all
+    are taken."""
+    busy = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            busy.add(os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            continue
+    for offset in range(count):
+        uid = first + (os.getpid() + offset) % count
+        try:
+            pwd.getpwuid(uid)
+            continue
+        except KeyError:
+            pass
+        if uid not in busy:
+            return uid, uid
     try:
         entry = pwd.getpwnam("nobody")
         return entry.pw_uid, entry.pw_gid
