@@ -192,3 +192,20 @@ def decode(data: bytes, allowed: dict[str, type] | None = None, rebuild: bool = 
         return walk(header["value"])
     except RecursionError:
         raise CodecError("the message nests too deeply") from None
+
+
+def read_frame(stream) -> bytes | None:
+    """One message from a pipe (8 bytes of length, then the message); None at its end or when cut short."""
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    (size,) = struct.unpack("<Q", head)
+    if size > MAX_MESSAGE:
+        return None
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def write_frame(stream, data: bytes) -> None:
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()

@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 PLUGIN = "minildm_grade_plugin"
 MAX_MESSAGE = 600                     # as plugin.MAX_MESSAGE: what one test may say in the report
 IMPORT_CHECK = "minildm_grade_importcheck"
+WORKER, CODEC = "minildm_grade_worker", "minildm_grade_codec"      # issue 18, step 2 (worker.py, codec.py)
 PYTEST_INI = """[pytest]
 addopts = --strict-markers -p no:cacheprovider
 markers =
@@ -290,6 +291,14 @@ def tasks_in(impl: Path, files: list[str]) -> dict[str, str]:
             found.update({r.task: rel for r in regions})
             break
     return found
+
+
+def copy_worker(folder: Path) -> Path:
+    """Put the step-2 worker and its codec into `folder` under names a student's package cannot shadow; returns the
+    worker's script."""
+    shutil.copy2(HERE / "codec.py", folder / f"{CODEC}.py")
+    shutil.copy2(HERE / "worker.py", folder / f"{WORKER}.py")
+    return folder / f"{WORKER}.py"
 
 
 def start(box: Sandbox, argv: list[str], name: str, out) -> subprocess.Popen:
