@@ -102,8 +102,9 @@ def test_gradients_come_back_for_every_input_that_requires_them(reference_worker
     out = naive_attention(q, k, v)
     grad_out = torch.randn_like(out)
     expected = torch.autograd.grad(out, (q, k, v), grad_out)
-    write_frame(reference_worker.proc.stdin, encode({"op": "backward", "target": "minildm.attention:naive_attention",
-                                                     "args": [q, k, v], "grad_outputs": [grad_out]}))
+    call = encode({"op": "call", "target": "minildm.attention:naive_attention", "args": [q, k, v]})
+    write_frame(reference_worker.proc.stdin, encode({"op": "backward", "grad_outputs": [grad_out],
+                                                     "replay": torch.frombuffer(bytearray(call), dtype=torch.uint8)}))
     reply = decode(read_frame(reference_worker.proc.stdout))
     assert reply["ok"] and all(torch.allclose(a, b) for a, b in zip(reply["value"], expected))
 

@@ -7,8 +7,9 @@ framed as 8 bytes of length and a codec message:
 
     {"op": "call", "target": "minildm.autoencoder:DiagonalGaussian.kl", "args": [...], "kwargs": {...},
      "rng": the global RNG state, "forbid": ["torch.distributions:kl_divergence", ...], "task": "ch02.gaussian_kl"}
-    {"op": "backward", ...the same, "grad_outputs": [...]}: the gradients of the call's output tensors (given
-     these output gradients) with respect to every floating tensor of the arguments that requires grad
+    {"op": "backward", "replay": the call's message as uint8, "grad_outputs": [...]}: the call again, with the
+     same random state, and the gradients of its output tensors (given these output gradients) with respect to
+     every floating tensor of its arguments that requires grad
 
 and answers {"ok": true, "value": ..., "rng": ..., "generators": [states], "changed": [[i, tensor]]} (the
 generators of the arguments, in order, and the argument tensors the call changed in place) or {"ok": false,
@@ -116,6 +117,9 @@ class Forbidden:
 
 
 def answer(request: dict) -> dict:
+    if request["op"] == "backward":                 # the original call's message, replayed with the same state
+        original = decode(request["replay"].numpy().tobytes(), rebuild=True)
+        request = {**original, "op": "backward", "grad_outputs": request["grad_outputs"]}
     function = resolve(request["target"])
     args, kwargs = request.get("args", []), request.get("kwargs", {})
     tensors = walk([args, kwargs], torch.Tensor, [])
@@ -128,7 +132,7 @@ def answer(request: dict) -> dict:
                 value = function(*args, **kwargs)
             value = value.detach() if isinstance(value, torch.Tensor) else value
         elif request["op"] == "backward":
-            inputs = [t for t in tensors if t.requires_grad]
+            inputs = [t for t in tensors if t.requires_grad and t.is_floating_point()]
             with torch.enable_grad():
                 out = walk(function(*args, **kwargs), torch.Tensor, [])
             pairs = [(o, g) for o, g in zip(out, request["grad_outputs"]) if g is not None and o.requires_grad]
