@@ -7,6 +7,7 @@
 - `plugin`, `importcheck`: the parts that run inside the graded process, which import nothing from minildm;
 - `isolation`, `launch`: the walls around that process (namespaces, a user id of its own, limits), and the level
   the report names;
-- `codec`, `worker`: issue 18's next step, not wired in yet: the JSON + safetensors wire format and the worker that
-  answers calls of graded functions, so that the tests can move out of the student's process.
+- `codec`, `worker`, `proxy`: issue 18's next step, not wired in yet: the JSON + safetensors wire format, the worker
+  that answers calls of graded functions, and the grader's stand-in for such a function, so that the tests can
+  move out of the student's process.
 """
