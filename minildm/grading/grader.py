@@ -1,6 +1,7 @@
 """`minildm grade`: run the task tests against a student's copy and report points, per task, with hints.
 
-The student's files are never touched and never trusted. The grader works in a scratch folder:
+The student's files are never touched and never trusted. The grader works in a scratch folder, work/ (the
+grader's own plans sit beside it, in trusted/):
 
     minildm/                      a copy of the student's package, with
                                   - the reference put into the regions of chapters given to --use-reference-for,
@@ -8,11 +9,14 @@ The student's files are never touched and never trusted. The grader works in a s
     tests/tasks/                  the task tests of *this* installation (not the student's copy of them)
     tests/extra_N/                an instructor's hidden tests (--extra-tests)
     minildm_grade_plugin.py       grading/plugin.py: selects the tests, logs each outcome as a JSON line
+    out/                          the one folder the worker may write: the logs
 
-pytest runs there in a child process. The grader reads the log as it grows: a test that runs longer than the
-timeout is killed with its process, marked "timed out", and the tests after it run in a fresh process, so a
-hanging exercise fails only its own tests. A test's points count when it passes; a task whose tests all stop at its
-own NotImplementedError is "not started".
+pytest runs there in a worker process, isolated as far as the machine allows (isolation.py: namespaces, a user id
+of its own, resource limits; the report names the level). The grader reads the log as it grows: a test that runs
+longer than the timeout is killed with its process, marked "timed out", and the tests after it run in a fresh
+process, so a hanging exercise fails only its own test; the other tests of its task are not run (one hang costs
+one timeout per task, not one per test; a crash likewise). A test's points count when it passes; a task whose tests
+all stop at its own NotImplementedError is "not started".
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from minildm.grading.isolation import DESCRIPTIONS, WARNINGS, Sandbox, available_level
 from minildm.grading.regions import (
     RegionError,
     find_regions,
@@ -43,7 +48,9 @@ from minildm.saving import read_json
 
 HERE = Path(__file__).resolve().parent
 PLUGIN = "minildm_grade_plugin"
+MAX_MESSAGE = 600                     # as plugin.MAX_MESSAGE: what one test may say in the report
 IMPORT_CHECK = "minildm_grade_importcheck"
+WORKER, CODEC = "minildm_grade_worker", "minildm_grade_codec"      # issue 18, step 2 (worker.py, codec.py)
 PYTEST_INI = """[pytest]
 addopts = --strict-markers -p no:cacheprovider
 markers =
@@ -85,6 +92,7 @@ class GradeReport:
     grades: list[TaskGrade]
     reference_for: list[str]
     problems: list[str]
+    isolation: str = "none"      # a key of isolation.DESCRIPTIONS
 
     @property
     def earned(self) -> float:
@@ -99,6 +107,8 @@ class GradeReport:
             "score": self.earned, "max_score": self.possible,
             "graded": str(self.impl), "tests": str(self.tests_from),
             "use_reference_for": self.reference_for, "problems": self.problems,
+            "isolation": {"level": self.isolation, "description": DESCRIPTIONS[self.isolation],
+                          "warning": WARNINGS[self.isolation]},
             "tasks": [{"task": g.task.id, "title": g.task.title, "status": g.status, "points": g.earned,
                        "max_points": g.possible, "note": g.note,
                        "hint": "" if g.status == "passed" else g.task.message(),
@@ -113,7 +123,9 @@ class GradeReport:
         def wrapped(text: str) -> list[str]:
             return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + "  ")
 
-        lines = [f"Graded: {self.impl}", f"Tests:  {self.tests_from}"]
+        lines = [f"Graded: {self.impl}", f"Tests:  {self.tests_from}", f"Isolation: {DESCRIPTIONS[self.isolation]}"]
+        if WARNINGS[self.isolation]:
+            lines.append(f"WARNING: {WARNINGS[self.isolation]}")
         if self.reference_for:
             lines.append(f"Using the reference for: {', '.join(self.reference_for)} (not graded)")
         lines += [f"problem: {p}" for p in self.problems]
@@ -214,23 +226,29 @@ def differing_modules(sandbox: Path) -> list[str]:
     return names
 
 
-def repair_imports(sandbox: Path, python: str, timeout: float) -> tuple[dict[str, str], list[str]]:
+def repair_imports(box: Sandbox, python: str, timeout: float) -> tuple[dict[str, str], list[str]]:
     """Put the reference file in place of each file that stops the package from importing.
 
     Returns {relative file: what is wrong with it (file:line: error)} and problems that could not be repaired.
     """
     broken: dict[str, str] = {}
-    for _ in range(10):
+    sandbox = box.work
+    for attempt in range(10):
         modules = ["minildm", *differing_modules(sandbox)]
-        try:
-            run = subprocess.run([python, f"{IMPORT_CHECK}.py", *modules], cwd=sandbox, capture_output=True,
-                                 text=True, timeout=timeout, env=child_env(sandbox), check=False)
-            found = json.loads(run.stdout.strip().splitlines()[-1])
-        except subprocess.TimeoutExpired:
-            slow = f"importing it took more than {timeout:g} s"
-            found = {m: {"file": None, "line": 0, "error": slow} for m in modules}
-        except (json.JSONDecodeError, IndexError):
-            return broken, [f"the import check failed: {run.stderr.strip()[-500:]}"]
+        output = box.trusted / f"importcheck-{attempt}.out"
+        with open(output, "w") as out:
+            proc = start(box, [python, f"{IMPORT_CHECK}.py", *modules], f"importcheck-{attempt}", out)
+            try:
+                proc.wait(timeout)
+                found = json.loads(output.read_text(errors="replace").strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                kill(proc)
+                slow = f"importing it took more than {timeout:g} s"
+                found = {m: {"file": None, "line": 0, "error": slow} for m in modules}
+            except (json.JSONDecodeError, IndexError):
+                return broken, [f"the import check failed: {output.read_text(errors='replace').strip()[-500:]}"]
+        if not isinstance(found, dict) or set(found) != set(modules):
+            return broken, ["the import check gave an answer that is not one entry per module"]
         failures = [f for f in found.values() if f]
         if not failures:
             return broken, []
@@ -275,16 +293,27 @@ def tasks_in(impl: Path, files: list[str]) -> dict[str, str]:
     return found
 
 
-def child_env(sandbox: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(sandbox), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.setdefault("MINILDM_DEVICE", "cpu")
-    return env
+def copy_worker(folder: Path) -> Path:
+    """Put the step-2 worker and its codec into `folder` under names a student's package cannot shadow; returns the
+    worker's script."""
+    shutil.copy2(HERE / "codec.py", folder / f"{CODEC}.py")
+    shutil.copy2(HERE / "worker.py", folder / f"{WORKER}.py")
+    return folder / f"{WORKER}.py"
 
 
-def prepare(impl: Path, tests: Path, extra: list[Path]) -> Path:
-    sandbox = Path(tempfile.mkdtemp(prefix="minildm-grade-"))
+def start(box: Sandbox, argv: list[str], name: str, out) -> subprocess.Popen:
+    """Start `argv` in the worker (see isolation.py), its output to the open file `out`."""
+    box.seal()
+    command, env, preexec = box.command(argv, name)
+    return subprocess.Popen(command, cwd=box.work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=preexec)
+
+
+def prepare(impl: Path, tests: Path, extra: list[Path]) -> Sandbox:
+    top = Path(tempfile.mkdtemp(prefix="minildm-grade-"))
+    box = Sandbox(top / "trusted", top / "work", available_level())
+    box.trusted.mkdir(mode=0o700)
+    sandbox = box.work
     shutil.copytree(impl / "minildm", sandbox / "minildm", ignore=IGNORED)
     shutil.copytree(tests, sandbox / "tests" / "tasks", ignore=IGNORED)
     for n, folder in enumerate(extra, 1):
@@ -292,24 +321,28 @@ def prepare(impl: Path, tests: Path, extra: list[Path]) -> Path:
     shutil.copy2(HERE / "plugin.py", sandbox / f"{PLUGIN}.py")
     shutil.copy2(HERE / "importcheck.py", sandbox / f"{IMPORT_CHECK}.py")
     (sandbox / "pytest.ini").write_text(PYTEST_INI)
-    return sandbox
+    return box
 
 
 # ---------------------------------------------------------------------------------------- running pytest
 
 
-def run_tests(sandbox: Path, task_ids: list[str], zero: list[str], python: str, timeout: float) -> tuple[dict, list]:
-    """Run the selected tests, restarting after a hang or a crash; returns ({nodeid: TestResult}, problems)."""
+def run_tests(box: Sandbox, task_ids: list[str], zero: set[str], python: str, timeout: float) -> tuple[dict, list]:
+    """Run the selected tests, restarting after a hang or a crash; returns ({nodeid: TestResult}, problems).
+
+    After a test times out or kills the worker, the other tests of its task are not run (0 points): one hang
+    costs one timeout per task, not one per test."""
     results: dict[str, TestResult] = {}
     problems: list[str] = []
+    stopped: dict[str, str] = {}          # task -> "timed out" or "crashed": its other tests are not run
     targets = ["tests"]
     for attempt in range(100):
-        log = sandbox / f"grade-{attempt}.jsonl"
-        cmd = [python, "-m", "pytest", "-q", "-p", PLUGIN, "--grade-log", str(log), "--grade-package", str(sandbox),
-               "--grade-tasks", ",".join(task_ids), "--grade-zero", ",".join(zero), *targets]
-        with open(sandbox / f"pytest-{attempt}.out", "w") as out:
-            proc = subprocess.Popen(cmd, cwd=sandbox, env=child_env(sandbox), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=(os.name == "posix"))
+        log = box.out / f"grade-{attempt}.jsonl"
+        cmd = [python, "-m", "pytest", "-q", "-p", PLUGIN, "--grade-log", f"{box.root}/out/{log.name}",
+               "--grade-package", box.root, "--grade-tasks", ",".join(task_ids), "--grade-zero", ",".join(zero),
+               *targets]
+        with open(box.trusted / f"pytest-{attempt}.out", "w") as out:
+            proc = start(box, cmd, f"pytest-{attempt}", out)
             running, killed = watch(proc, log, timeout)
         events = read_log(log)
         for e in events:
@@ -319,19 +352,23 @@ def run_tests(sandbox: Path, task_ids: list[str], zero: list[str], python: str, 
                 r = results[e["nodeid"]]
                 r.outcome, r.message, r.exception = e["outcome"], e.get("message") or "", e.get("exception")
             elif e["event"] in ("fatal", "collect_error"):
-                problems.append(f"{e.get('nodeid', 'pytest')}: {e['message']}")
+                problems.append(f"{e.get('nodeid', 'pytest')}: {e.get('message', '')}")
         if running is not None and running in results:
             r = results[running]
             r.outcome = "timed out" if killed else "crashed"
             r.message = (f"still running after {timeout:g} s; stopped (an endless loop?)" if killed else
                          f"the test process died (exit code {proc.returncode}) during this test")
+            stopped[r.task] = r.outcome
         if any(e["event"] == "fatal" for e in events):
             break
         if not results:
-            output = (sandbox / f"pytest-{attempt}.out").read_text(errors="replace").strip().splitlines()
+            output = (box.trusted / f"pytest-{attempt}.out").read_text(errors="replace").strip().splitlines()
             problems.append("pytest ran no task test: " + " | ".join(output[-5:]))
             break
-        remaining = [n for n, r in results.items() if r.outcome == "not run" and r.task not in zero]
+        for r in results.values():
+            if r.outcome == "not run" and r.task in stopped:
+                r.message = f"not run: an earlier test of this task {stopped[r.task]}"
+        remaining = [n for n, r in results.items() if r.outcome == "not run" and r.task not in zero | set(stopped)]
         if not remaining or running is None:
             break
         targets = remaining
@@ -344,13 +381,14 @@ def watch(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[str | None
     while True:
         done = proc.poll() is not None
         if log.exists():
-            with open(log, encoding="utf-8") as f:
+            with open(log, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
-            complete = chunk[:chunk.rfind("\n") + 1]
-            offset += len(complete.encode("utf-8"))
-            for line in complete.splitlines():
-                event = json.loads(line)
+            complete = chunk[:chunk.rfind(b"\n") + 1]
+            offset += len(complete)
+            for event in map(parse_event, complete.decode("utf-8", errors="replace").splitlines()):
+                if event is None:
+                    continue
                 if event["event"] == "start":
                     running, since = event["nodeid"], time.monotonic()
                 elif event["event"] == "result" and event["nodeid"] == running:
@@ -364,6 +402,17 @@ def watch(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[str | None
 
 
 def kill(proc: subprocess.Popen) -> None:
+    """Kill the worker: its direct children first (pid 1 of its PID namespace takes every process in it along,
+    even one that left the process group), then its process group."""
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for pid in children:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
         if os.name == "posix":
             os.killpg(proc.pid, signal.SIGKILL)
@@ -374,16 +423,38 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+EVENT_FIELDS = {"event": str, "nodeid": str, "task": str, "points": (int, float), "outcome": str,
+                "message": (str, type(None)), "exception": (str, type(None))}
+
+
+def parse_event(line: str) -> dict | None:
+    """One log line, or None if it is not a well-formed event (the log is written by the worker: never trusted
+    to be valid; a malformed line must not stop the grader). Messages are cut to the plugin's length."""
+    try:
+        event = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(event, dict) or "event" not in event:
+        return None
+    if any(not isinstance(event[k], kind) for k, kind in EVENT_FIELDS.items() if k in event):
+        return None
+    if event["event"] in ("collected", "start", "result") and "nodeid" not in event:
+        return None
+    if event["event"] == "collected" and ("task" not in event or "points" not in event):
+        return None
+    if event["event"] == "result" and "outcome" not in event:
+        return None
+    for key in ("message", "exception"):
+        if isinstance(event.get(key), str):
+            event[key] = event[key][:MAX_MESSAGE]
+    return event
+
+
 def read_log(log: Path) -> list[dict]:
     if not log.exists():
         return []
-    events = []
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break                                   # the last line of a killed process may be cut short
-    return events
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [e for e in map(parse_event, lines) if e is not None]   # a killed process's last line may be cut
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -449,24 +520,24 @@ def grade(impl: str | Path | None = None, patterns: list[str] | None = None, ext
         raise ValueError(f"nothing to grade: every selected task is in {', '.join(reference_for)}, which "
                          "--use-reference-for takes from the reference")
 
-    sandbox = prepare(impl, tests, extra)
+    box = prepare(impl, tests, extra)
     try:
-        problems = put_reference(sandbox, reference_for)
-        broken, more = repair_imports(sandbox, python, max(timeout, 120.0))
+        problems = put_reference(box.work, reference_for)
+        broken, more = repair_imports(box, python, max(timeout, 120.0))
         problems += more
         broken_tasks = tasks_in(impl, list(broken))
         zero = [t.id for t in chosen if t.id in broken_tasks]
-        results, more = run_tests(sandbox, [t.id for t in chosen], zero, python, timeout)
+        results, more = run_tests(box, [t.id for t in chosen], set(zero), python, timeout)
         problems += more
     finally:
         if not keep:
-            shutil.rmtree(sandbox, ignore_errors=True)
+            shutil.rmtree(box.work.parent, ignore_errors=True)
     grades = []
     for task in chosen:
         tests_of = [classify(r) for r in results.values() if r.task == task.id]
         file = broken_tasks.get(task.id)
         grades.append(grade_task(task, tests_of, file, broken.get(file, "")))
-    return GradeReport(impl, tests, grades, reference_for, problems)
+    return GradeReport(impl, tests, grades, reference_for, problems, box.level)
 
 
 def check_report_path(path: Path) -> None:

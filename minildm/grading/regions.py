@@ -15,6 +15,7 @@ rewrites text: it imports neither torch nor the rest of minildm.
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +100,28 @@ def replace_regions(text: str, replacements: dict[Region, list[str]]) -> str:
     for region, new in sorted(replacements.items(), key=lambda item: -item[0].begin):   # bottom up
         lines[region.begin + 1:region.end] = new
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
+def enclosing_function(text: str, region: Region) -> str:
+    """The qualified name of the innermost function or method holding the region ("DiagonalGaussian.kl").
+
+    This is what a grader that keeps student code in another process swaps for a proxy: the region's whole
+    function, called with the same arguments. A region outside any function is a RegionError."""
+    best: list[str] = []
+
+    def visit(node: ast.AST, names: list[str]) -> None:
+        nonlocal best
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inside = child.lineno - 1 < region.begin and region.begin + 2 <= (child.end_lineno or 0)
+                if inside:
+                    here = [*names, child.name]
+                    if not isinstance(child, ast.ClassDef):
+                        best = here
+                    visit(child, here)
+
+    visit(ast.parse(text), [])
+    if not best:
+        raise RegionError(f"{region.where}: the region of {region.task} is not inside a function; a graded region "
+                          "must be (part of) a function's body")
+    return ".".join(best)
