@@ -209,3 +209,30 @@ def read_frame(stream) -> bytes | None:
 def write_frame(stream, data: bytes) -> None:
     stream.write(struct.pack("<Q", len(data)) + data)
     stream.flush()
+
+
+def walk(value, kind: type) -> list:
+    """Every `kind` inside value (lists, tuples, dicts, objects' __dict__), depth first, each once: the grader and the
+    worker both call this one function, so they see the tensors and generators of a call in the same order."""
+    found: list = []
+    seen: set[int] = set()
+
+    def visit(x):
+        if id(x) in seen or x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device)):
+            return
+        seen.add(id(x))
+        if isinstance(x, kind):
+            found.append(x)
+            return
+        if isinstance(x, (list, tuple, set)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                visit(k)
+                visit(v)
+        elif hasattr(x, "__dict__") and not callable(x) or isinstance(x, torch.nn.Module):
+            visit(vars(x))
+
+    visit(value)
+    return found

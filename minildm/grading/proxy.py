@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from minildm.grading.codec import MAX_MESSAGE, CodecError, decode, encode, write_frame
+from minildm.grading.codec import MAX_MESSAGE, CodecError, decode, encode, walk, write_frame
 
 MAX_TEXT = 600
 
@@ -43,32 +43,6 @@ class TaskStopped(Exception):
 
 class WorkerGone(Exception):
     """The worker died during the call (os._exit, a signal, a limit)."""
-
-
-def walk(value, kind: type) -> list:
-    """Every `kind` in value, in the order the worker's walk sees them (the same function, for the same order)."""
-    found: list = []
-    seen: set[int] = set()
-
-    def visit(x):
-        if id(x) in seen or x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device)):
-            return
-        seen.add(id(x))
-        if isinstance(x, kind):
-            found.append(x)
-            return
-        if isinstance(x, (list, tuple, set)):
-            for v in x:
-                visit(v)
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                visit(k)
-                visit(v)
-        elif hasattr(x, "__dict__") and not callable(x) or isinstance(x, torch.nn.Module):
-            visit(vars(x))
-
-    visit(value)
-    return found
 
 
 def as_exception(name, message) -> Exception:

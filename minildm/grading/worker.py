@@ -29,36 +29,11 @@ from minildm_grade_codec import (  # the grader's copy, beside this file
     decode,
     encode,
     read_frame,
+    walk,
     write_frame,
 )
 
 MAX_MESSAGE = 600
-
-
-def walk(value, kind: type, found: list) -> list:
-    """Every `kind` inside value (lists, tuples, dicts, objects' __dict__), depth first, each once, in the order
-    both sides of the wire see them."""
-    seen: set[int] = set()
-
-    def visit(x):
-        if id(x) in seen or x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device)):
-            return
-        seen.add(id(x))
-        if isinstance(x, kind):
-            found.append(x)
-            return
-        if isinstance(x, (list, tuple, set)):
-            for v in x:
-                visit(v)
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                visit(k)
-                visit(v)
-        elif hasattr(x, "__dict__") and not callable(x) or isinstance(x, torch.nn.Module):
-            visit(vars(x))
-
-    visit(value)
-    return found
 
 
 def resolve(target: str):
@@ -122,7 +97,7 @@ def answer(request: dict) -> dict:
         request = {**original, "op": "backward", "grad_outputs": request["grad_outputs"]}
     function = resolve(request["target"])
     args, kwargs = request.get("args", []), request.get("kwargs", {})
-    tensors = walk([args, kwargs], torch.Tensor, [])
+    tensors = walk([args, kwargs], torch.Tensor)
     versions = [t._version for t in tensors]
     if request.get("rng") is not None:
         torch.set_rng_state(request["rng"])
@@ -134,7 +109,7 @@ def answer(request: dict) -> dict:
         elif request["op"] == "backward":
             inputs = [t for t in tensors if t.requires_grad and t.is_floating_point()]
             with torch.enable_grad():
-                out = walk(function(*args, **kwargs), torch.Tensor, [])
+                out = walk(function(*args, **kwargs), torch.Tensor)
             pairs = [(o, g) for o, g in zip(out, request["grad_outputs"]) if g is not None and o.requires_grad]
             grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
                                         allow_unused=True) if pairs and inputs else [None] * len(inputs)
@@ -143,7 +118,7 @@ def answer(request: dict) -> dict:
             raise ValueError(f"unknown op {request['op']!r}")
     changed = [[i, t.detach()] for i, (t, v) in enumerate(zip(tensors, versions)) if t._version != v]
     return {"ok": True, "value": value, "rng": torch.get_rng_state(),
-            "generators": [g.get_state() for g in walk([args, kwargs], torch.Generator, [])], "changed": changed}
+            "generators": [g.get_state() for g in walk([args, kwargs], torch.Generator)], "changed": changed}
 
 
 def main() -> None:
