@@ -433,7 +433,8 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
         row = {"row": name, "steps": trainer.step, "train_s": sum(spent[name]), "prep_s": prep_s[name],
                "ms_per_step": 1e3 * statistics.median(spent[name]), "final_loss": statistics.fmean(tail),
                "sample_s": sample_s, "eval_images": quality["count"], "prompt_following": quality["prompt_following"],
-               "frechet": quality["frechet"], "frechet_real": quality["frechet_real"]}
+               "frechet": quality["frechet"], "frechet_real": quality["frechet_real"],
+               "frechet_real_other_captions": quality["frechet_real_other_captions"]}
         if keep:
             from minildm.ldm_export import export_pipeline
             trainer.save({"steps": trainer.step, "train_seconds": row["train_s"]})
@@ -456,7 +457,8 @@ def print_quality(results: list[dict]) -> None:
         following, frechet = f"{r['prompt_following']['all']:.3f}", f"{r['frechet']:.2f}"
         print(f"| {r['row']} | {r['steps']:,} | {r['train_s']:.0f} | {r['ms_per_step']:,.0f} | {r['final_loss']:.4f} "
               f"| {following} | {frechet} | {r['sample_s']:.0f} |")
-    print(f"Frechet distance of two real sets of the same size (the floor): {results[0]['frechet_real']:.2f}")
+    print(f"Frechet distance of two real sets for the same captions (the floor): {results[0]['frechet_real']:.2f}; "
+          f"of real sets for different captions: {results[0]['frechet_real_other_captions']:.2f}")
     print("(losses are in each space's own units: a latent MSE and a pixel MSE are not comparable numbers; "
           "ms / step includes the trainer's data, clipping and EMA)")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ POSITION_WORDS = (("top left", "top", "top right"),
                   ("bottom left", "bottom", "bottom right"))
 SUPERSAMPLE = 4                      # draw at 4x and downsample: anti-aliased edges, like a photo's
 EVAL_SEED = 2024                     # a seed no model trains on: the held-out images and captions of every metric
-OTHER_REAL_SEED = 6060               # a second held-out set, for real-vs-real comparisons
+OTHER_REAL_SEED = 6060               # a second real set: the held-out captions redrawn, or other captions
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,22 @@ def draw_factor(rng: np.random.Generator, rotation: bool) -> ShapeFactors:
         y=float(rng.uniform(margin, 1 - margin)),
         rotation=float(rng.uniform(0, 2 * math.pi)) if rotation else 0.0,
     )
+
+
+def redraw_factor(rng: np.random.Generator, obj: ShapeFactors, rotation: bool, tries: int = 100_000) -> ShapeFactors:
+    """The same words, fresh continuous factors: another draw of the generator's own size, position and rotation,
+    kept only when it describes the object in the same words (`obj.describe()`). Kind and colour are kept.
+
+    Rejection sampling draws exactly from the generator's distribution conditioned on the caption: a second real
+    image of the same caption, as different from the first as the words allow.
+    """
+    words = obj.describe()
+    for _ in range(tries):
+        candidate = replace(draw_factor(rng, rotation), kind=obj.kind, colour=obj.colour)
+        if candidate.describe() == words:
+            return candidate
+    raise ValueError(f"no redraw of {words!r} matched its words in {tries} tries; pass more tries (every caption "
+                     f"the generator writes matches about one draw in 30 or more)")
 
 
 def polygon(factors: ShapeFactors, side: int) -> list[tuple[float, float]]:
@@ -182,6 +198,26 @@ class ShapesDataset(torch.utils.data.Dataset):
     def captions(self, start: int = 0, count: int | None = None) -> list[str]:
         count = self.length - start if count is None else count
         return [caption(self.factors(i)) for i in range(start, start + count)]
+
+
+class SameCaptionsDataset(ShapesDataset):
+    """A second real set for the captions of `base`: item i has item i's caption (same kinds, colours, background and
+    words) with every object's size, position and rotation drawn afresh by `seed` (see redraw_factor).
+
+    Two real sets that differ only where the captions leave room are the fair scale for a Frechet distance between
+    generated images and the real images of the same captions.
+    """
+
+    def __init__(self, base: ShapesDataset, seed: int):
+        super().__init__(base.length, base.seed, base.image_size, base.num_objects, base.rotation)
+        self.base, self.redraw_seed = base, seed
+
+    def factors(self, index: int) -> dict:
+        # A pure function of (redraw seed, base seed, index), like ShapesDataset.factors
+        rng = np.random.default_rng([self.redraw_seed, self.base.seed, index])
+        scene = self.base.factors(index)
+        return {"background": scene["background"],
+                "objects": [redraw_factor(rng, obj, self.rotation) for obj in scene["objects"]]}
 
 
 def to_tensor_batch(pixels: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minildm.data import COLOURS, EVAL_SEED, OTHER_REAL_SEED, POSITION_WORDS, SHAPE_KINDS, SIZE_WORDS, ShapesDataset
+from minildm.data import (
+    COLOURS,
+    EVAL_SEED,
+    OTHER_REAL_SEED,
+    POSITION_WORDS,
+    SHAPE_KINDS,
+    SIZE_WORDS,
+    SameCaptionsDataset,
+    ShapesDataset,
+)
 from minildm.judge import FACTORS, Judge, factor_words, read_words
 
 
@@ -139,9 +148,13 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     return float(d2.clamp_min(0))
 
 
-def real_features(judge: Judge, n: int, seed: int) -> Tensor:
-    """The judge's features of n real Shapes images of `seed`, rendered at the judge's size: (n, F)."""
-    return judge_features(judge, ShapesDataset(n, seed=seed, image_size=judge.config.image_size).images())
+def real_features(judge: Judge, n: int, seed: int, same_captions_as: int | None = None) -> Tensor:
+    """The judge's features of n real Shapes images, rendered at the judge's size: (n, F). The images of `seed`, or,
+    with `same_captions_as`, the captions of that seed redrawn by `seed` (SameCaptionsDataset)."""
+    data = ShapesDataset(n, seed=seed, image_size=judge.config.image_size)
+    if same_captions_as is not None:
+        data = SameCaptionsDataset(ShapesDataset(n, seed=same_captions_as, image_size=judge.config.image_size), seed)
+    return judge_features(judge, data.images())
 
 
 # ------------------------------------------------------------------------------------------------- a pipeline, scored
@@ -150,8 +163,11 @@ def real_features(judge: Judge, n: int, seed: int) -> Tensor:
 def evaluate_pipeline(pipe, judge: Judge, count: int = 500, seed: int = 0, guidance_scale: float | None = None,
                       steps: int = 25, sampler_name: str = "ddim", batch: int = 100) -> dict:
     """Generate `count` images for held-out captions (Shapes seed 2024, never trained on) and score them: the judge's
-    prompt-following, and the Frechet distance of their judge features to the real images of the same captions,
-    next to real vs real (two disjoint real sets of the same size) for scale."""
+    prompt-following, and the Frechet distance of their judge features to the real images of the same captions.
+
+    For scale, real vs real: a second real set for the same captions (`frechet_real`, the fair baseline: both sets
+    answer the same captions, as the generated set does), and a real set of other captions
+    (`frechet_real_other_captions`, which also counts the captions' differences and so flatters the model)."""
     if count < 2:
         raise ValueError(f"count must be at least 2 (a covariance needs two images), got {count}")
     prompts = ShapesDataset(count, seed=EVAL_SEED).captions()
@@ -163,7 +179,8 @@ def evaluate_pipeline(pipe, judge: Judge, count: int = 500, seed: int = 0, guida
     return {"count": count, "guidance_scale": w, "steps": steps, "sampler": sampler_name, "seed": seed,
             "prompt_following": prompt_following(judge, images, prompts),
             "frechet": frechet_distance(judge_features(judge, images), real),
-            "frechet_real": frechet_distance(real_features(judge, count, OTHER_REAL_SEED), real)}
+            "frechet_real": frechet_distance(real_features(judge, count, OTHER_REAL_SEED, EVAL_SEED), real),
+            "frechet_real_other_captions": frechet_distance(real_features(judge, count, OTHER_REAL_SEED), real)}
 
 
 # ------------------------------------------------------------------------------------------------- counting objects

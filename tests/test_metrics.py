@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from minildm.data import BACKGROUNDS, EVAL_SEED, ShapesDataset, position_word, render, size_word
+from minildm.data import (
+    BACKGROUNDS,
+    EVAL_SEED,
+    OTHER_REAL_SEED,
+    SameCaptionsDataset,
+    ShapesDataset,
+    draw_factor,
+    position_word,
+    redraw_factor,
+    render,
+    size_word,
+)
 from minildm.judge import FACTORS, HELDOUT_SEED, TRAIN_SEED
 from minildm.metrics import (
     count_objects,
@@ -198,21 +210,26 @@ class RealImages:
     def __init__(self, count, wrong=False):
         data = ShapesDataset(count, seed=EVAL_SEED)
         self.images = data.images()
-        self.index = {caption: i for i, caption in reversed(list(enumerate(data.captions())))}
+        self.captions, self.served = data.captions(), 0
         self.wrong, self.calls = wrong, []
 
     def text_to_image(self, prompts, *, guidance_scale, sampler_name, steps, seed):     # LatentDiffusion's keywords
         self.calls.append((len(prompts), guidance_scale, sampler_name, steps, seed))
         if self.wrong:
             return self.images[:1].expand(len(prompts), -1, -1, -1)
-        return self.images[[self.index[p] for p in prompts]]
+        # the held-out captions arrive in order, batch after batch: answer each with its own real image
+        start, self.served = self.served, self.served + len(prompts)
+        assert list(prompts) == self.captions[start:self.served], "the prompts are the held-out captions, in order"
+        return self.images[start:self.served]
 
 
 def test_evaluate_pipeline_scores_real_images_as_real_and_a_stuck_generator_as_poor(judge):
     good = evaluate_pipeline(RealImages(120), judge, count=120, seed=5, batch=50)
     assert good["guidance_scale"] == 3.0 and good["count"] == 120
     assert good["prompt_following"]["all"] >= 0.9
-    assert good["frechet"] < 0.5 * good["frechet_real"], good      # the same images as the reference: ~0
+    assert good["frechet"] < 1e-6, good                                # the very images of the reference
+    # two real sets of the same captions are close; real sets of other captions are far
+    assert 0 < good["frechet_real"] < 0.5 * good["frechet_real_other_captions"], good
     stuck = RealImages(120, wrong=True)
     bad = evaluate_pipeline(stuck, judge, count=120, guidance_scale=7.5, steps=3, batch=50)
     assert [c[0] for c in stuck.calls] == [50, 50, 20] and {c[1:4] for c in stuck.calls} == {(7.5, "ddim", 3)}
@@ -228,3 +245,37 @@ def test_the_judge_reads_words_even_from_images_that_are_not_shapes(judge):
     words = read_attributes(judge, torch.cat([noise, blank]))         # an untrained model draws such things
     assert len(words) == 6 and all(set(w) == set(FACTORS) for w in words)
     assert size_word(1.5) == "large" and position_word(-0.1, 1.2) == "bottom left"   # measured past the edges
+
+
+# ------------------------------------------------------------------------------------------------- the fair baseline
+
+def test_same_captions_dataset_keeps_every_caption_and_redraws_the_continuous_factors():
+    base = ShapesDataset(200, seed=EVAL_SEED, num_objects=(1, 2))
+    again = SameCaptionsDataset(base, seed=OTHER_REAL_SEED)
+    assert again.captions() == base.captions()
+    moved = 0
+    for i in range(len(base)):
+        old, new = base.factors(i), again.factors(i)
+        assert new["background"] == old["background"]
+        for a, b in zip(old["objects"], new["objects"], strict=True):
+            assert (b.kind, b.colour) == (a.kind, a.colour)
+            moved += (b.size, b.x, b.y) != (a.size, a.x, a.y)
+    assert moved == sum(len(base.factors(i)["objects"]) for i in range(len(base)))
+    assert not torch.equal(again.images(0, 20), base.images(0, 20))
+    assert again.factors(7) == SameCaptionsDataset(base, seed=OTHER_REAL_SEED).factors(7), "a pure function of seeds"
+
+
+def test_redraw_factor_draws_the_generator_conditioned_on_the_words():
+    # every redraw of "large ... at the top left" has a large size and a top-left centre, and they spread over
+    # the whole allowed range rather than sitting at one point
+    rng = np.random.default_rng(0)
+    target = next(f for f in (draw_factor(rng, True) for _ in range(10_000))
+                  if f.describe().endswith("at the top left") and size_word(f.size) == "large")
+    redrawn = [redraw_factor(rng, target, rotation=True) for _ in range(200)]
+    assert all(size_word(f.size) == "large" and position_word(f.x, f.y) == "top left" for f in redrawn)
+    sizes = np.array([f.size for f in redrawn])
+    assert sizes.min() >= 0.34 and sizes.max() - sizes.min() > 0.01
+    # one try rarely matches a caption with three narrow words; the error says what to do
+    with pytest.raises(ValueError, match="pass more tries"):
+        for _ in range(100):
+            redraw_factor(rng, target, rotation=True, tries=1)
