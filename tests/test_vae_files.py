@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file
 from tests.test_pipeline import tiny_pipe
+from tests.weights import randomise_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,13 +27,7 @@ def source_vae(seed: int = 7, **changes) -> AutoencoderKL:
     """A VAE of the pipeline's architecture with other weights (norms randomised too, so none hides at 1 / 0)."""
     torch.manual_seed(seed)
     options = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scale_factor=0.5)
-    vae = AutoencoderKL(AutoencoderConfig(**{**options, **changes})).eval()
-    with torch.no_grad():
-        for module in vae.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-    return vae
+    return randomise_norms(AutoencoderKL(AutoencoderConfig(**{**options, **changes})).eval())
 
 
 def to_compvis(state_dict: dict, prefix: str = "") -> dict:

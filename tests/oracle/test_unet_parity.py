@@ -23,6 +23,7 @@ from minildm.convert import (  # noqa: E402
 )
 from minildm.sd_configs import SD15, SD21  # noqa: E402
 from minildm.unet import UNet, UNetConfig  # noqa: E402
+from tests.weights import randomise_norms  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("one_thread")]    # one_thread: tests/conftest.py
 
@@ -93,11 +94,8 @@ _cache: dict = {}
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Norm scales around 1 and shifts around 0 (not exactly 1 and 0); every other tensor keeps its random init."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            torch.nn.init.normal_(module.weight, 1.0, 0.5)
-            torch.nn.init.normal_(module.bias, 0.0, 0.5)
+    """Norms randomised (tests/weights.py); every other tensor keeps its random init, and none is left constant."""
+    randomise_norms(model, spread=0.5)
     constant = [n for n, p in model.named_parameters() if p.numel() > 1 and p.min() == p.max()]
     assert not constant, f"parameters left constant (a wrong mapping could hide there): {constant[:5]}"
     return model

@@ -8,6 +8,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from tests.test_pipeline import tiny_pipe  # noqa: E402
 from tests.test_vae_files import latents, source_vae, to_compvis, to_diffusers  # noqa: E402
+from tests.weights import randomise_norms  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("one_thread")]
 ATOL = 1e-5
@@ -19,12 +20,7 @@ def reference_vae(seed: int = 3):
     model = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
                                     up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
                                     layers_per_block=1, norm_num_groups=4).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-    return model
+    return randomise_norms(model)
 
 
 def test_diffusers_vae_folder_swaps_in_and_decodes_as_diffusers(tmp_path):
