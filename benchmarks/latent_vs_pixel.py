@@ -381,11 +381,12 @@ def generate_all(pipe: LatentDiffusion, prompts: list[str], steps: int, guidance
 
 # ------------------------------------------------------------------------------------------------ e. quality
 
-def sized_schedule(trainer: LDMTrainer, budget: float, pilot_s: list[float]) -> None:
-    """Size the cosine schedule to the steps the budget allows (estimated from the pilot steps)."""
+def sized_schedule(trainer, budget: float, pilot_s: list[float]) -> None:
+    """Size the cosine schedule to the steps the budget allows (estimated from the pilot steps), with the warm-up a
+    tenth of that at most the recipe's own. Any trainer whose cfg has steps and warmup_steps (LDM or VAE)."""
     reachable = max(PILOT_STEPS + 1, int(budget / statistics.median(pilot_s)))
     trainer.cfg.steps = reachable
-    trainer.cfg.warmup_steps = max(1, min(LDMTrainConfig.warmup_steps, reachable // 10))
+    trainer.cfg.warmup_steps = max(1, min(type(trainer.cfg).warmup_steps, reachable // 10))
 
 
 def run_quality(args: argparse.Namespace, device: torch.device) -> dict:

@@ -20,6 +20,7 @@ from minildm.pipeline import mismatches
 from minildm.pixel_space import PixelSpace
 from minildm.schedule import PREDICTION_TYPES, NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer
+from minildm.timestep_sampling import SAMPLINGS
 from minildm.unet import UNet, UNetConfig
 
 SPACES = ("latent", "pixel")
@@ -36,6 +37,7 @@ class LDMTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     prediction_type: str = "epsilon"     # what the U-Net learns to predict: epsilon, sample (z_0) or v_prediction
+    t_sampling: str = "uniform"          # how often each timestep is drawn: uniform | min_snr | lognormal
     caption_dropout: float = 0.1         # share of captions replaced by "" (for classifier-free guidance)
     ema_decay: float = 0.999
     precision: str = "auto"              # auto | fp32 | bf16 | fp16 (autocast; auto: bf16/fp16 on CUDA, fp32 else)
@@ -48,6 +50,7 @@ class LDMTrainConfig:
     save_every: int = 500
     sample_every: int = 1000             # write a sample grid every this many steps (0: never)
     log_every: int = 25
+    compile: bool = False                # torch.compile the denoiser (inductor; a first step of compiling)
 
     def __post_init__(self):
         """The choices a typo would silently change (an unknown prediction type used to train a v model)."""
@@ -58,6 +61,9 @@ class LDMTrainConfig:
             raise ValueError(f"unknown space {self.space!r}; choose latent (the VAE's latents) or pixel (the images)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.t_sampling not in SAMPLINGS:
+            raise ValueError(f"unknown t_sampling {self.t_sampling!r}; choose one of {', '.join(SAMPLINGS)} "
+                             f"(--t-sampling)")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}; 0.1 is usual")
 

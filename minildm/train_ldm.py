@@ -55,6 +55,7 @@ from minildm.pretrained import load_vae_folder, vae_folder
 from minildm.saving import read_json, write_folder_atomically
 from minildm.schedule import NoiseSchedule
 from minildm.text import Tokenizer
+from minildm.timestep_sampling import draw_timesteps, timestep_probabilities
 from minildm.train_vae import apply_learning_rate, step_generator
 from minildm.training_guards import (
     check_run_folder,
@@ -116,11 +117,14 @@ class LDMTrainer:
         self.model = self.models.denoiser().to(self.device)
         check_parts_fit(self.autoencoder, self.model, self.tokenizer, self.models.schedule, cfg.image_size)
         self.ema = EMA(self.model, cfg.ema_decay)
+        # p_t for the timesteps; None: uniform, drawn exactly as before the other samplings existed
+        self.t_probabilities = (None if cfg.t_sampling == "uniform"
+                                else timestep_probabilities(self.models.schedule, cfg.t_sampling))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         if resume:
             self.load()
-        self.trained: nn.Module = self.model      # DDP's wrapper once prepare() has joined the process group
+        self.trained: nn.Module = self.model      # DDP's wrapper (and compile's) once prepare() has run
         self.ids = self.z_source = None           # the data, once prepare() has loaded it
         self.unread: list[Tensor] = []            # (loss, grad norm) of each step since the last record, on the device
 
@@ -140,6 +144,9 @@ class LDMTrainer:
             join_process_group(self.device)
             self.trained = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            # the same parameters behind a compiled forward and backward: the EMA and the optimizer see no change
+            self.trained = torch.compile(self.trained)
         cfg = self.cfg
         data = ShapesDataset(cfg.num_train_images, seed=cfg.data_seed, image_size=cfg.image_size)
         pixels = torch.from_numpy(data.pixels())                                    # (N, H, W, 3) uint8
@@ -172,7 +179,7 @@ class LDMTrainer:
         ids = self.ids[index].clone()                                                      # (B, L)
         drop = torch.rand(B, generator=step_generator(seed, step, 2)) < cfg.caption_dropout
         ids[drop] = self.empty_ids                                                         # "" for dropped captions
-        t = torch.randint(self.models.schedule.num_timesteps, (B,), generator=step_generator(seed, step, 3))
+        t = draw_timesteps(self.t_probabilities, B, self.models.schedule.num_timesteps, step_generator(seed, step, 3))
         noise = torch.randn(z0.shape, generator=step_generator(seed, step, 4))
         return z0, ids.to(self.device), t.to(self.device), noise.to(self.device)
 

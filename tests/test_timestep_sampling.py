@@ -1,0 +1,91 @@
+"""Which timesteps training draws: a distribution over t is a loss weighting (Kingma & Gao 2023), min-SNR and EDM's
+log-normal noise levels as distributions, and the trainer drawing from them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minildm.elbo import loss_weights
+from minildm.schedule import NoiseSchedule
+from minildm.timestep_sampling import draw_timesteps, timestep_probabilities
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "min_snr", "lognormal"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_every_sampling_is_a_distribution_over_the_schedule_s_timesteps(sampling, prediction):
+    p = timestep_probabilities(NoiseSchedule(prediction_type=prediction), sampling)
+    assert p.shape == (1000,) and p.dtype == torch.float64
+    assert (p > 0).all() and p.sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_drawing_t_from_p_with_the_plain_loss_is_the_weighted_loss_up_to_a_constant(prediction):
+    # E_{t~uniform}[w_t L_t] = (sum w / T) E_{t~p}[L_t] for any per-t losses L_t, with w_t min-SNR's weight on the
+    # model's own target: min(SNR, gamma) / SNR on the eps error, divided by what that target already weighs
+    schedule = NoiseSchedule(prediction_type=prediction)
+    L = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1    # any L_t > 0
+    w = loss_weights(schedule, "min_snr", 5.0) / loss_weights(schedule, prediction)
+    p = timestep_probabilities(schedule, "min_snr", gamma=5.0)
+    weighted = (w * L).mean()
+    assert weighted.item() == pytest.approx((w.sum() / 1000 * (p * L).sum()).item(), rel=1e-12)
+
+
+def test_min_snr_on_eps_draws_noisy_timesteps_uniformly_and_nearly_clean_ones_in_proportion_to_snr():
+    schedule = NoiseSchedule()
+    p = timestep_probabilities(schedule, "min_snr", gamma=5.0)
+    snr = schedule.snr
+    noisy = snr <= 5                                   # min(SNR, 5) / SNR = 1 there: all alike
+    assert torch.allclose(p[noisy], p[noisy][0].expand(int(noisy.sum())), rtol=1e-12)
+    clean = snr > 5                                    # 5 / SNR there: twice the SNR, half as often
+    ratio = (p[clean] * snr[clean]) / (p[noisy][0] * 5)
+    assert torch.allclose(ratio, torch.ones_like(ratio), rtol=1e-9)
+    assert p[0] < p[-1] / 200                          # t = 0 (SNR ~ 1,175) is drawn over 200 times less often
+
+
+def test_min_snr_for_v_prediction_is_min_snr_over_snr_plus_one():
+    # on the v error, min-SNR's weight is min(SNR, gamma) / (SNR + 1) (Hang et al.'s v-prediction form)
+    schedule = NoiseSchedule(prediction_type="v_prediction")
+    snr = schedule.snr
+    expected = snr.clamp(max=5) / (snr + 1)
+    assert torch.allclose(timestep_probabilities(schedule, "min_snr"), expected / expected.sum(), rtol=1e-10)
+
+
+def test_lognormal_gives_each_timestep_the_normal_mass_of_its_log_sigma_cell():
+    schedule = NoiseSchedule()
+    p = timestep_probabilities(schedule, "lognormal", log_sigma_mean=-1.2, log_sigma_std=1.2)
+    log_sigma = schedule.finite_sigmas.double().log()
+    normal_cdf = lambda x: (1 + math.erf((x + 1.2) / (1.2 * math.sqrt(2)))) / 2      # noqa: E731
+    # t = 0's cell reaches down to -inf: it gathers every noise level below the schedule's smallest sigma
+    assert p[0].item() == pytest.approx(normal_cdf((log_sigma[0] + log_sigma[1]).item() / 2), rel=1e-9)
+    # the mass below sigma = exp(-1.2) is one half, to within the one cell that straddles it
+    below = p[log_sigma < -1.2].sum().item()
+    cell = p[(log_sigma + 1.2).abs().argmin()].item()
+    assert abs(below - 0.5) <= cell
+    # 2.5% of the mass lies above the mean + 1.96 std (sigma ~ 3.2, inside the schedule's range)
+    above = p[log_sigma > -1.2 + 1.96 * 1.2].sum().item()
+    assert above == pytest.approx(0.025, abs=0.002)
+    with pytest.raises(ValueError, match="log_sigma_std must be > 0"):
+        timestep_probabilities(schedule, "lognormal", log_sigma_std=0.0)
+
+
+def test_draw_timesteps_matches_p_and_uniform_is_the_old_randint_draw():
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(draw_timesteps(None, 64, 1000, g), torch.randint(1000, (64,), generator=torch.Generator()
+                                                                          .manual_seed(3)))
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64)
+    t = draw_timesteps(p, 20_000, 4, torch.Generator().manual_seed(0))
+    freq = torch.bincount(t, minlength=4).double() / 20_000
+    assert freq[1] == 0
+    # each frequency within 5 binomial standard deviations of its probability
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / 20_000).sqrt() + 1e-12).all(), freq
+
+
+def test_an_unknown_sampling_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown timestep sampling 'snr'; choose one of uniform, min_snr, lognormal"):
+        timestep_probabilities(NoiseSchedule(), "snr")
+    assert math.isclose(timestep_probabilities(NoiseSchedule(), "uniform")[0].item(), 1e-3)
