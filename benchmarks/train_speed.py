@@ -176,6 +176,7 @@ def plot(args: argparse.Namespace, rows: list[dict]) -> None:
         ax.plot([p["wall_s"] / 60 for p in row["points"]], [p["score"] for p in row["points"]], marker="o",
                 label=row["recipe"])
     ax.axhline(args.target if args.target is not None else TARGETS[args.kind], color="grey", ls="--", label="target")
+    ax.set_xlim(left=0)
     ax.set_xlabel("wall-clock minutes (data preparation + training)")
     ax.set_ylabel(UNITS[args.kind])
     ax.legend(fontsize=8)
