@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minildm.data import BACKGROUNDS, COLOURS
+from minildm.pipeline import guided_model_fn
+from minildm.samplers import ddim_invert, make_sampler
 
 
 def as_points(x: Tensor) -> Tensor:
@@ -217,6 +219,67 @@ def interpolate_latents(vae, x0: Tensor, x1: Tensor, steps: int, method: str = "
         # z(t) = (1 - t) z_0 + t z_1
         latents = (1 - t.view(-1, 1, 1, 1)) * z[0] + t.view(-1, 1, 1, 1) * z[1]
     return vae.decode(latents).clamp(-1, 1).float().cpu()
+
+
+# --------------------------------------------------------------------- the walk Stable Diffusion users make
+
+
+@torch.no_grad()
+def invert_images(pipe, images: Tensor, prompt: str, ddim_steps: int = 50, guidance_scale: float = 1.0) -> Tensor:
+    """Images (B, 3, H, W) -> the starting noises (B, C, h, w) from which DDIM, with this prompt, draws them again.
+
+    Encode to z_0 with the pipeline's VAE, then run DDIM backwards (samplers.ddim_invert, chapter 07). The round
+    trip is only as exact as inversion's approximation: close at w = 1 (notebook 07: 33 dB at 50 steps), looser
+    at larger w, where guidance bends the way up and the way down differently.
+    """
+    pipe.check_prompts(prompt)
+    z0 = pipe.encode_images(images)                                # (B, C, h, w)
+    encode = pipe.text_encoder.encode_prompts
+    context = encode(pipe.tokenizer, [prompt] * len(z0), pipe.device).to(pipe.dtype)      # (B, L, D)
+    uncond = encode(pipe.tokenizer, [""] * len(z0), pipe.device).to(pipe.dtype)          # (B, L, D)
+    model_fn = guided_model_fn(pipe.unet, context, uncond, guidance_scale)
+    return ddim_invert(model_fn, z0, make_sampler("ddim", pipe.schedule, ddim_steps))   # (B, C, h, w)
+
+
+@torch.no_grad()
+def interpolate_diffusion(pipe, x0: Tensor, x1: Tensor, steps: int, prompt: str, ddim_steps: int = 50,
+                          guidance_scale: float = 1.0) -> Tensor:
+    """The walk Stable Diffusion users make, (steps, 3, H, W): invert both images to noise with one prompt, slerp
+    between the two noises, and let DDIM draw every step with the same prompt, steps and guidance.
+
+    The noises are where the diffusion model, not the VAE, decides what the image is; if the model has learned
+    the manifold, every noise on the path is drawn as one clean image. The ends are the round trips
+    (inverted, then drawn again), not the images themselves.
+    """
+    if x0.shape != x1.shape or x0.ndim != 3:
+        raise ValueError(
+            f"expected two images of the same shape (3, H, W); got {tuple(x0.shape)} and {tuple(x1.shape)}"
+        )
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be one str, held along the whole walk (e.g. \"a red circle\"); "
+                        f"got {type(prompt).__name__}")
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be a whole number of frames, at least 2 (the two ends); got {steps!r}")
+    noises = invert_images(pipe, torch.stack([x0, x1]), prompt, ddim_steps, guidance_scale)    # (2, C, h, w)
+    t = torch.linspace(0, 1, steps, dtype=torch.float32, device=noises.device)
+    path = slerp(noises[0].float(), noises[1].float(), t)          # (steps, C, h, w)
+    return pipe.text_to_image([prompt] * steps, height=x0.shape[1], width=x0.shape[2], guidance_scale=guidance_scale,
+                              sampler_name="ddim", steps=ddim_steps, latents=path)
+
+
+def largest_step_share(frames: Tensor) -> float:
+    """The share of a walk's path length taken by its largest step, in (0, 1]: does it glide or jump?
+
+    Path length is the sum of the distances between consecutive frames. Frames evenly spread along the way give
+    1 / (steps - 1), as a cross-fade does exactly; a walk that stands still and then jumps gives nearly 1. A frame
+    can be clean and still jump, and the ghost counter never sees it.
+    """
+    if frames.ndim != 4 or frames.shape[0] < 3:
+        raise ValueError(f"expected a walk of at least 3 frames, shape (steps, 3, H, W); got {tuple(frames.shape)}")
+    step = (frames[1:] - frames[:-1]).detach().double().flatten(1).norm(dim=1)     # (steps - 1,)
+    if step.sum() == 0:
+        raise ValueError("the frames are all equal: a walk that does not move has no largest step")
+    return float(step.max() / step.sum())
 
 
 # ---------------------------------------------------------------------------- is a frame on the manifold?
