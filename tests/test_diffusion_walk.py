@@ -69,12 +69,26 @@ def test_slerp_between_inverted_noises_keeps_their_norm_where_the_straight_line_
 
 def test_diffusion_walk_refuses_mismatched_images_a_prompt_list_and_too_few_steps(pipe, ends):
     x0, x1 = ends
-    with pytest.raises(ValueError, match=r"same shape \(3, H, W\); got \(3, 16, 16\) and \(3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"of the same shape; got \(3, 16, 16\) and \(3, 8, 8\)"):
         manifold.interpolate_diffusion(pipe, x0, x1[:, :8, :8], 4, PROMPT)
     with pytest.raises(TypeError, match="prompt must be one str.*got list"):
         manifold.interpolate_diffusion(pipe, x0, x1, 4, [PROMPT, PROMPT])
     with pytest.raises(ValueError, match="at least 2.*got 1"):
         manifold.interpolate_diffusion(pipe, x0, x1, 1, PROMPT)
+    with pytest.raises(ValueError, match="4 prompts for 2 walks; give one prompt, or one per pair"):
+        manifold.interpolate_diffusion(pipe, torch.stack([x0, x1]), torch.stack([x1, x0]), 4, [PROMPT, ""] * 2)
+
+
+def test_a_batch_of_walks_equals_the_walks_one_at_a_time(pipe, ends):
+    x0, x1 = ends
+    prompts = [PROMPT, ""]
+    batch = manifold.interpolate_diffusion(pipe, torch.stack([x0, x1]), torch.stack([x1, x0]), 4, prompts,
+                                           ddim_steps=DDIM_STEPS)                  # (2, 4, 3, 16, 16)
+    assert batch.shape == (2, 4, 3, SIZE, SIZE), tuple(batch.shape)
+    for walk, (a, b, prompt) in zip(batch, [(x0, x1, prompts[0]), (x1, x0, prompts[1])]):
+        alone = manifold.interpolate_diffusion(pipe, a, b, 4, prompt, ddim_steps=DDIM_STEPS)
+        err = (walk - alone).abs().max().item()
+        assert err < 1e-4, f"a walk made in a batch differs from the same walk alone by {err:.2e}"
 
 
 def test_largest_step_share_is_even_for_a_cross_fade_and_one_for_a_jump(ends):
