@@ -217,9 +217,9 @@ raise ValueError("\\n".join(found)[-3000:] or "nothing found")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 18, step 2: the tests still share the worker's process; the proxy "
-                                       "design (tests in the grader, only student calls in the worker) fixes this")
 def test_monkeypatching_pytest_or_reading_hidden_tests_scores_zero(workbook, tmp_path):  # noqa: F811
+    if available_level() == "none":
+        pytest.skip("without namespaces the worker can read the grader's folder: the report warns instead")
     attacks = {"ch01.latent_shape": MONKEYPATCH_PYTEST, "ch02.psnr": READ_HIDDEN}
     hidden = tmp_path / "hidden"
     hidden.mkdir()
@@ -243,6 +243,7 @@ def test_the_report_and_grade_json_name_the_isolation_level_and_warn_when_it_is_
     report = grader.GradeReport(ROOT, ROOT / "tests" / "tasks", [], [], [], level)
     data = report.to_json()["isolation"]
     assert data["level"] == level and data["description"] in report.table()
+    assert "grader's own process" in data["tests_ran"] and data["tests_ran"] in report.table()
     assert (data["warning"] == "") == (level == "root")
     assert ("WARNING: NO ISOLATION" in report.table()) == (level == "none")
 

@@ -1,6 +1,6 @@
 """The wire format between the grader and a student-code worker: JSON and safetensors, never pickle.
 
-Issue 18, step 2 keeps the task tests in the grader and sends only the calls of the graded functions to the worker;
+The task tests stay in the grader and only the calls of the graded functions go to the worker (issue 18);
 this module is how the values cross. One message is
 
     8 bytes: the header's length (little-endian) | the header, JSON | the tensors, safetensors
@@ -10,6 +10,7 @@ and the header's "value" is a tree of plain JSON values and one-key tags:
     [...] a list, {"$tu": [...]} a tuple, {"$d": [[key, value], ...]} a dict, {"$set": [...]} a set
     {"$t": name, "rg": bool, "p": bool}     a tensor (stored under `name`; requires_grad; nn.Parameter)
     {"$re": pattern, "flags": n, "m": "re"} a compiled regular expression (re or regex)
+    {"$meta": shape, "dtype": "float32"}   a tensor on the meta device (a shape and a dtype, no values)
     {"$np": name}                           a numpy array of numbers (a numpy number crosses as a plain one)
     {"$dtype": "float32"}, {"$dev": "cpu"}  a dtype, a device
     {"$gen": name, "dev": "cpu"}            a torch.Generator, its state stored as a tensor
@@ -81,7 +82,7 @@ def encode(value, handle=None, keep=None) -> bytes:
     is sent once (a tokenizer's 49,408-word vocabulary), not with every call."""
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, int] = {}
-    keep = []                    # the objects seen, alive until the end (so that their ids stay unique)
+    alive = []                   # the objects seen, alive until the end (so that their ids stay unique)
 
     def tensor(t: torch.Tensor, **extra) -> dict:
         name = f"t{len(tensors)}"
@@ -96,7 +97,7 @@ def encode(value, handle=None, keep=None) -> bytes:
         tree = describe(x)
         if isinstance(tree, dict) and next(iter(tree)) in SHARED:   # numbered after its parts, as decode does
             seen[id(x)] = len(seen)
-            keep.append(x)
+            alive.append(x)
         return tree
 
     def describe(x):
@@ -111,6 +112,8 @@ def encode(value, handle=None, keep=None) -> bytes:
             if number is not None:
                 return {"$h": number}
         if isinstance(x, torch.Tensor):
+            if x.device.type == "meta":                 # shapes and dtypes only: a test of what runs on t's device
+                return {"$meta": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
             if x.device.type != "cpu":
                 raise CodecError(f"a tensor on {x.device} cannot be sent; the grader works on the CPU")
             return tensor(x, rg=x.requires_grad, p=isinstance(x, torch.nn.Parameter))
@@ -214,6 +217,9 @@ def decode(data: bytes, allowed: dict[str, type] | None = None, rebuild: bool = 
             return new(t.requires_grad_(True) if x.get("rg") and t.is_floating_point() else t)
         if tag == "$re" and isinstance(x[tag], str) and isinstance(x.get("flags"), int) and x.get("m") in PATTERNS:
             return importlib.import_module(x["m"]).compile(x[tag], x["flags"])
+        if tag == "$meta" and isinstance(x[tag], list) and all(isinstance(n, int) and n >= 0 for n in x[tag]) \
+                and isinstance(getattr(torch, str(x.get("dtype")), None), torch.dtype):
+            return torch.empty(x[tag], dtype=getattr(torch, x["dtype"]), device="meta")
         if tag == "$np" and x[tag] in tensors:
             return new(tensors[x[tag]].numpy())
         if tag == "$gen" and x[tag] in tensors and isinstance(x.get("dev"), str):
@@ -279,7 +285,9 @@ def write_frame(stream, data: bytes) -> None:
 
 def walk(value, kind: type) -> list:
     """Every `kind` inside value (lists, tuples, dicts, objects' __dict__), depth first, each once: the grader and the
-    worker both call this one function, so they see the tensors and generators of a call in the same order."""
+    worker both call this one function, so they see the tensors and generators of a call in the same order. A list or
+    dict of KEEP_FROM entries or more is data that is sent once and kept (encode): it is not searched (a tokenizer's
+    vocabulary would cost seconds per call)."""
     found: list = []
     seen: set[int] = set()
 
@@ -289,6 +297,8 @@ def walk(value, kind: type) -> list:
         seen.add(id(x))
         if isinstance(x, kind):
             found.append(x)
+            return
+        if isinstance(x, (list, dict)) and len(x) >= KEEP_FROM:
             return
         if isinstance(x, (list, tuple, set)):
             for v in x:

@@ -63,6 +63,10 @@ class TaskStopped(BaseException):
     """An earlier call of this task timed out, so this one is not made."""
 
 
+class BadAnswer(BaseException):                 # not a ValueError: `pytest.raises(ValueError)` must not pass on it
+    """The worker's answer is not one the grader can read (a class it may not build, a malformed message)."""
+
+
 class WorkerGone(BaseException):
     """The worker died during the call (os._exit, a signal, a limit)."""
 
@@ -82,6 +86,7 @@ class Client:
         self.replaying: list | None = None            # answers to send again, in order (a backward's replay)
         self.tied: list[torch.Tensor] = []            # callback answers' tensors that require grad
         self.kept: dict[int, tuple] = {}              # id -> (list or dict, its mark, number): the worker has it
+        self.kept_count = 0
 
     def close(self) -> None:
         if self.proc is not None:
@@ -119,8 +124,9 @@ class Client:
         entry = self.kept.get(id(x))
         if entry is not None and entry[0] is x and entry[1] == mark:
             return entry[2], False
-        self.kept[id(x)] = (x, mark, len(self.kept))
-        return len(self.kept) - 1, True
+        self.kept_count += 1
+        self.kept[id(x)] = (x, mark, self.kept_count)
+        return self.kept_count, True
 
     def encode(self, value) -> bytes:
         before = dict(self.kept)
@@ -204,11 +210,11 @@ class Client:
             self.proc = None
             self.stopped[task] = "crashed the worker"
             raise WorkerGone(f"{task}: the worker died (exit code {code}) during this call") from None
-        except CodecError:
+        except CodecError as err:
             self.close()
-            raise
+            raise BadAnswer(f"{task}: the worker's answer could not be read: {str(err)[:200]}") from None
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
-            raise CodecError("the worker's answer is not a reply")
+            raise BadAnswer(f"{task}: the worker's answer is not a reply")
         return reply
 
 
@@ -301,9 +307,9 @@ class Remote(torch.autograd.Function):
             raise as_exception(reply.get("error"), reply.get("message"))
         grads = reply.get("value")
         if not isinstance(grads, list) or len(grads) != len(ctx.inputs):
-            raise CodecError("the worker's gradients do not match the inputs")
+            raise BadAnswer("the worker's gradients do not match the inputs")
         for g, t in zip(grads, ctx.inputs):
             if g is not None and (not isinstance(g, torch.Tensor) or g.shape != t.shape):
-                raise CodecError("a gradient from the worker has the wrong shape")
+                raise BadAnswer("a gradient from the worker has the wrong shape")
         return (None, None, None, None, None, *([None] * ctx.n_out),
                 *[g if g is None else g.to(t.dtype) for g, t in zip(grads, ctx.inputs)])
