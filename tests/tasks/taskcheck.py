@@ -1,7 +1,8 @@
 """Checks for the task tests: failures that say what is wrong (shape, dtype, errors, where) and where to read.
 
-These live with the tests, not in the package: when `minildm grade` runs, `minildm` is the student's code, and the
-checks must not be theirs. A failure never shows the reference solution, only what was expected of the output.
+These live with the tests, not in the package: `minildm grade` runs them in its own process on the reference, where
+the graded functions are proxies to the student's code (minildm/grading/trusted.py), and a student's copy of them
+is never used. A failure never shows the reference solution, only what was expected of the output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 
 def section(task: str) -> str:
-    """Where the chapter explains the task (from the task list; the student's copy can only change the wording)."""
+    """Where the chapter explains the task (from the task list)."""
     try:
         from minildm.grading.tasks import TASKS
         return f" (see chapter {TASKS[task].number}, section: {TASKS[task].section})"
