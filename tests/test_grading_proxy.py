@@ -193,6 +193,9 @@ def test_the_worker_reaches_only_public_attributes_and_no_module_or_class_of_the
     assert public == {"ok": True, "value": "no"}
     unknown = decode(client.callback({"op": "call", "handle": number + 5, "name": None}))
     assert unknown["ok"] is False and "never given" in unknown["message"]
+    client.forget()                                                      # the end of a test
+    gone = decode(client.callback({"op": "getattr", "handle": number, "name": "hidden"}))
+    assert gone["ok"] is False and client.handle(object()) != number
 
 
 def test_warnings_and_the_tests_forbidden_functions_cross_to_the_worker(tmp_path, reference):
@@ -227,3 +230,14 @@ def test_forbid_in_a_graded_run_only_records_its_targets_for_the_proxies(monkeyp
         with pytest.raises(AssertionError, match="may not call torch.sum"):
             torch.sum(torch.ones(2))
     assert torch.sum(torch.ones(2)) == 2
+
+
+def test_the_grader_proxies_one_function_per_graded_region():
+    from minildm.grading.tasks import TASKS
+    from minildm.grading.trusted import graded_functions
+
+    found = graded_functions(set(TASKS))
+    assert sorted(set(found.values())) == sorted(TASKS) and len(found) == len(TASKS)
+    assert found["minildm.metrics:psnr"] == "ch02.psnr"
+    assert found["minildm.clip_tokenizer:CLIPTokenizer.bpe"] == "ch09.bpe_merge"
+    assert graded_functions({"ch02.psnr"}) == {"minildm.metrics:psnr": "ch02.psnr"}

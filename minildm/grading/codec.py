@@ -252,8 +252,11 @@ def decode(data: bytes, allowed: dict[str, type] | None = None, rebuild: bool = 
             rest = walk(x["x"]) if isinstance(x.get("x"), dict) else {}      # numbered before obj, as encoded
             if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
                 raise CodecError(f"the fields of {x[tag]} are not a dict of names")
-            if x[tag] in allowed:
-                return new(cls(**fields))                 # the grader's side: the class's own constructor
+            if x[tag] in allowed:                         # the grader's side: the class's own constructor, whose
+                try:                                      # error is the message's fault, not the call's
+                    return new(cls(**fields))
+                except Exception as err:                  # noqa: BLE001 - a ValueError must not pass pytest.raises
+                    raise CodecError(f"{x[tag]} could not be built: {type(err).__name__}") from None
             obj = new(cls.__new__(cls))                   # the worker's side: the state as the grader had it
             for key, value in {**fields, **(rest if isinstance(rest, dict) else {})}.items():
                 object.__setattr__(obj, str(key), value)

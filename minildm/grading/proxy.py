@@ -37,20 +37,7 @@ from typing import Callable
 
 import torch
 
-from minildm.grading.codec import (
-    MAX_MESSAGE,
-    MAX_TEXT,
-    CodecError,
-    apply_effects,
-    as_exception,
-    decode,
-    effects,
-    encode,
-    error_reply,
-    versions,
-    walk,
-    write_frame,
-)
+from minildm.grading import codec
 
 DUNDERS = {"__iter__", "__next__", "__len__", "__getitem__", "__contains__"}    # what a Handle may call by name
 
@@ -82,6 +69,7 @@ class Client:
         self.stopped: dict[str, str] = {}             # task -> why its calls are no longer made
         self.objects: dict[int, object] = {}          # handle -> the object it stands for (kept alive here)
         self.numbers: dict[int, int] = {}             # id(object) -> handle
+        self.handle_count = 0                         # handles are never reused, even after forget()
         self.recording: list | None = None            # the current call's callback answers, as sent
         self.replaying: list | None = None            # answers to send again, in order (a backward's replay)
         self.tied: list[torch.Tensor] = []            # callback answers' tensors that require grad
@@ -112,9 +100,14 @@ class Client:
         if isinstance(x, (types.ModuleType, type)):
             return None
         if id(x) not in self.numbers:
-            self.numbers[id(x)] = len(self.objects)
-            self.objects[len(self.objects)] = x
+            self.numbers[id(x)] = number = self.handle_count
+            self.objects[number] = x
+            self.handle_count += 1
         return self.numbers[id(x)]
+
+    def forget(self) -> None:
+        """Drop the handles (at the end of each test: the worker cannot reach an earlier test's objects)."""
+        self.objects, self.numbers = {}, {}
 
     def keep(self, x) -> tuple[int, bool]:
         """(number, fresh) of a long list or dict the worker keeps (codec.encode). Its mark, the length and a
@@ -131,14 +124,14 @@ class Client:
     def encode(self, value) -> bytes:
         before = dict(self.kept)
         try:
-            return encode(value, handle=self.handle, keep=self.keep)
+            return codec.encode(value, handle=self.handle, keep=self.keep)
         except BaseException:
             self.kept = before                        # the worker never saw what this message would have kept
             raise
 
     def lookup(self, number: int):
         if number not in self.objects:
-            raise CodecError(f"the worker named handle {number}, which it was never given")
+            raise codec.CodecError(f"the worker named handle {number}, which it was never given")
         return self.objects[number]
 
     def callback(self, request: dict) -> bytes:
@@ -146,13 +139,14 @@ class Client:
         if self.replaying is not None:
             if self.replaying:
                 return self.replaying.pop(0)
-            return encode(error_reply(RuntimeError("the replayed call made more callbacks than the first time")))
+            extra = RuntimeError("the replayed call made more callbacks than the first time")
+            return codec.encode(codec.error_reply(extra))
         try:
             obj, name = self.lookup(request.get("handle")), request.get("name")
             args, kwargs = request.get("args", []), request.get("kwargs", {})
             if not isinstance(args, list) or not isinstance(kwargs, dict) or name is not None and not isinstance(
                     name, str):
-                raise CodecError("a malformed callback")
+                raise codec.CodecError("a malformed callback")
             if request["op"] == "getattr" and name is not None and not name.startswith("_"):
                 value = getattr(obj, name)
                 reply = {"ok": True, "value": value}
@@ -161,15 +155,15 @@ class Client:
                 if isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state(
                         ).shape:
                     torch.set_rng_state(rng)
-                before = versions(args, kwargs)
+                before = codec.versions(args, kwargs)
                 value = (obj if name is None else getattr(obj, name))(*args, **kwargs)
-                reply = {"ok": True, "value": value, **effects(args, kwargs, before)}
+                reply = {"ok": True, "value": value, **codec.effects(args, kwargs, before)}
             else:
                 raise AttributeError(f"the worker may not use {str(name)[:100]} of a {type(obj).__name__}")
             data = self.encode(reply)
-            self.tied += [t for t in walk(value, torch.Tensor) if t.requires_grad and t.is_floating_point()]
+            self.tied += [t for t in codec.walk(value, torch.Tensor) if t.requires_grad and t.is_floating_point()]
         except Exception as err:                      # noqa: BLE001 - the test's object failed: the worker hears why
-            data = encode(error_reply(err))
+            data = codec.encode(codec.error_reply(err))
         if self.recording is not None:
             self.recording.append(data)
         return data
@@ -191,14 +185,14 @@ class Client:
     def exchange(self, request: dict | bytes, task: str, deadline: float) -> dict:
         """Send one request and serve callbacks until its reply comes."""
         try:
-            write_frame(self.proc.stdin, request if isinstance(request, bytes) else self.encode(request))
+            codec.write_frame(self.proc.stdin, request if isinstance(request, bytes) else self.encode(request))
             while True:
                 (size,) = struct.unpack("<Q", self.read(8, deadline))
-                if size > MAX_MESSAGE:
-                    raise CodecError(f"an answer of {size} bytes")
-                reply = decode(self.read(size, deadline), allowed=self.allowed, handles=self.lookup)
+                if size > codec.MAX_MESSAGE:
+                    raise codec.CodecError(f"an answer of {size} bytes")
+                reply = codec.decode(self.read(size, deadline), allowed=self.allowed, handles=self.lookup)
                 if isinstance(reply, dict) and reply.get("op") in ("getattr", "call"):
-                    write_frame(self.proc.stdin, self.callback(reply))
+                    codec.write_frame(self.proc.stdin, self.callback(reply))
                     continue
                 break
         except CallTimedOut:
@@ -210,7 +204,7 @@ class Client:
             self.proc = None
             self.stopped[task] = "crashed the worker"
             raise WorkerGone(f"{task}: the worker died (exit code {code}) during this call") from None
-        except CodecError as err:
+        except codec.CodecError as err:
             self.close()
             raise BadAnswer(f"{task}: the worker's answer could not be read: {str(err)[:200]}") from None
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
@@ -262,14 +256,14 @@ def proxied(client: Client, target: str, task: str, forbid: Callable[[], dict] =
         finally:
             client.recording, client.tied = outer
         if not reply["ok"]:
-            raise as_exception(reply.get("error"), reply.get("message"))
-        apply_effects(reply, args, kwargs)
+            raise codec.as_exception(reply.get("error"), reply.get("message"))
+        codec.apply_effects(reply, args, kwargs)
         for name, message in reply.get("warnings") or []:
-            warnings.warn(str(message)[:MAX_TEXT], as_warning(name), stacklevel=2)
+            warnings.warn(str(message)[:codec.MAX_TEXT], as_warning(name), stacklevel=2)
         value = reply.get("value")
-        inputs = [t for t in walk([args, kwargs], torch.Tensor) if t.requires_grad and t.is_floating_point()]
+        inputs = [t for t in codec.walk([args, kwargs], torch.Tensor) if t.requires_grad and t.is_floating_point()]
         inputs += tied
-        outputs = [t for t in walk(value, torch.Tensor)]
+        outputs = [t for t in codec.walk(value, torch.Tensor)]
         if not (torch.is_grad_enabled() and inputs and any(t.is_floating_point() for t in outputs)):
             return value
         tied_outputs = Remote.apply(client, task, replay, answers, len(outputs), *outputs, *inputs)
@@ -304,7 +298,7 @@ class Remote(torch.autograd.Function):
         finally:
             client.replaying = outer
         if not reply["ok"]:
-            raise as_exception(reply.get("error"), reply.get("message"))
+            raise codec.as_exception(reply.get("error"), reply.get("message"))
         grads = reply.get("value")
         if not isinstance(grads, list) or len(grads) != len(ctx.inputs):
             raise BadAnswer("the worker's gradients do not match the inputs")

@@ -115,6 +115,11 @@ def pytest_configure(config):
         _client = install(json.loads(Path(plan_file).read_text(encoding="utf-8")))
 
 
+def pytest_runtest_logfinish(nodeid, location):
+    if _client is not None:
+        _client.forget()
+
+
 def pytest_unconfigure(config):
     if _client is not None:
         _client.close()
