@@ -162,8 +162,8 @@ class Client:
                 raise AttributeError(f"the worker may not use {str(name)[:100]} of a {type(obj).__name__}")
             data = self.encode(reply)
             self.tied += [t for t in codec.walk(value, torch.Tensor) if t.requires_grad and t.is_floating_point()]
-        except Exception as err:                      # noqa: BLE001 - the test's object failed: the worker hears why
-            data = codec.encode(codec.error_reply(err))
+        except (Exception, TaskStopped, BadAnswer) as err:   # noqa: BLE001 - the worker hears why it failed
+            data = codec.encode(codec.error_reply(err))      # (a hang or crash of a nested call ends this one too)
         if self.recording is not None:
             self.recording.append(data)
         return data
@@ -192,7 +192,10 @@ class Client:
                     raise codec.CodecError(f"an answer of {size} bytes")
                 reply = codec.decode(self.read(size, deadline), allowed=self.allowed, handles=self.lookup)
                 if isinstance(reply, dict) and reply.get("op") in ("getattr", "call"):
-                    codec.write_frame(self.proc.stdin, self.callback(reply))
+                    answer = self.callback(reply)
+                    if self.proc is None:                  # a nested call ended the worker
+                        raise WorkerGone
+                    codec.write_frame(self.proc.stdin, answer)
                     continue
                 break
         except CallTimedOut:
@@ -200,7 +203,7 @@ class Client:
             self.stopped[task] = "timed out"
             raise CallTimedOut(f"{task}: still running after {self.timeout:g} s; stopped (an endless loop?)") from None
         except (WorkerGone, BrokenPipeError):
-            code = self.proc.wait()
+            code = self.proc.wait() if self.proc is not None else "unknown" if self.proc is not None else "unknown"
             self.proc = None
             self.stopped[task] = "crashed the worker"
             raise WorkerGone(f"{task}: the worker died (exit code {code}) during this call") from None
