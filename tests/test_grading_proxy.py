@@ -47,6 +47,9 @@ def careful(x):
 
 def peek(obj):
     return obj.secret()
+
+def twice(f, x):
+    return f(f(x))
 '''
 
 
@@ -198,7 +201,7 @@ def test_the_worker_reaches_only_public_attributes_and_no_module_or_class_of_the
     assert gone["ok"] is False and client.handle(object()) != number
 
 
-def test_warnings_and_the_tests_forbidden_functions_cross_to_the_worker(tmp_path, reference):
+def test_warnings_nested_calls_and_the_tests_forbidden_functions_cross_to_the_worker(tmp_path, reference):
     (tmp_path / "minildm").mkdir()
     (tmp_path / "minildm" / "__init__.py").write_text("")
     (tmp_path / "minildm" / "tricks.py").write_text(STUDENT)
@@ -206,6 +209,9 @@ def test_warnings_and_the_tests_forbidden_functions_cross_to_the_worker(tmp_path
     try:
         with pytest.warns(UserWarning, match="25 duplicate points dropped"):
             proxied(client, "minildm.tricks:careful", "ch01.twonn")(1)
+        double = proxied(client, "minildm.tricks:double", "ch09.double")      # the worker calls back here, and
+        twice = proxied(client, "minildm.tricks:twice", "ch09.twice")         # this calls the worker again
+        assert twice(double, torch.ones(2)).tolist() == [4.0, 4.0]
     finally:
         client.close()
     banned = {"task": "ch02.gaussian_kl", "targets": ["torch:sum"]}
