@@ -77,3 +77,40 @@ def test_code_and_files_cannot_be_sent():
         encode(lambda: 1)
     with pytest.raises(CodecError, match="cannot be sent"):
         encode({"f": open})
+
+
+def test_numpy_arrays_patterns_meta_tensors_and_what_post_init_set_cross_as_the_task_tests_need():
+    import re
+
+    import numpy as np
+
+    from minildm.clip_tokenizer import CLIPTokenizer
+    from minildm.schedule import NoiseSchedule
+
+    steps, pattern = np.array([999, 899, 799]), re.compile(r"<\|[a-z]+\|>", re.IGNORECASE)
+    meta = torch.zeros(3, 16, dtype=torch.float16, device="meta")
+    back = decode(encode([steps, np.int64(7), pattern, meta]))
+    assert isinstance(back[0], np.ndarray) and back[0].tolist() == steps.tolist() and back[1] == 7
+    assert back[2].pattern == pattern.pattern and back[2].flags == pattern.flags
+    assert back[3].device.type == "meta" and back[3].shape == (3, 16) and back[3].dtype == torch.float16
+    schedule = decode(encode(NoiseSchedule(prediction_type="v_prediction")), rebuild=True)
+    assert torch.equal(schedule.alpha_bar, NoiseSchedule(prediction_type="v_prediction").alpha_bar)
+    tokenizer = decode(encode(CLIPTokenizer.shipped()), rebuild=True)         # callable, yet data
+    assert tokenizer.encode("a cat, sitting") == [320, 2368, 267, 4919]
+
+
+def test_a_long_list_or_dict_is_sent_once_and_then_named_by_its_number():
+    vocabulary = {f"word{i}": i for i in range(2000)}
+    numbers: dict[int, int] = {}
+
+    def keep(x):
+        fresh = id(x) not in numbers
+        numbers.setdefault(id(x), len(numbers))
+        return numbers[id(x)], fresh
+
+    kept: dict = {}
+    first, second = encode([vocabulary], keep=keep), encode([vocabulary], keep=keep)
+    assert len(second) < len(first) / 100
+    assert decode(first, kept=kept) == [vocabulary] and decode(second, kept=kept)[0] is kept[0]
+    with pytest.raises(CodecError):
+        decode(second)                                             # without the kept values it means nothing

@@ -216,11 +216,23 @@ raise ValueError("\\n".join(found)[-3000:] or "nothing found")
 '''
 
 
+FORGE_A_VALUE_ERROR = '''
+import dataclasses
+schedule = sampler.schedule
+fake = type(schedule).__new__(type(schedule))          # a result whose constructor raises ValueError in the grader
+for f in dataclasses.fields(schedule):
+    object.__setattr__(fake, f.name, getattr(schedule, f.name))
+object.__setattr__(fake, "num_timesteps", 1)
+return fake
+'''
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 18, step 2: the tests still share the worker's process; the proxy "
-                                       "design (tests in the grader, only student calls in the worker) fixes this")
-def test_monkeypatching_pytest_or_reading_hidden_tests_scores_zero(workbook, tmp_path):  # noqa: F811
-    attacks = {"ch01.latent_shape": MONKEYPATCH_PYTEST, "ch02.psnr": READ_HIDDEN}
+def test_monkeypatching_pytest_reading_hidden_tests_or_forging_an_error_scores_zero(workbook, tmp_path):  # noqa: F811
+    if available_level() == "none":
+        pytest.skip("without namespaces the worker can read the grader's folder: the report warns instead")
+    attacks = {"ch01.latent_shape": MONKEYPATCH_PYTEST, "ch02.psnr": READ_HIDDEN,
+               "ch08.img2img_start": FORGE_A_VALUE_ERROR}
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     (hidden / "test_secret.py").write_text(f'''import pytest
@@ -234,7 +246,8 @@ def test_secret():
 ''')
     before = fingerprint(ROOT / "minildm", ROOT / "tests")
     student = attacked(workbook, tmp_path, attacks)
-    report = grader.grade(student, ["ch01", "ch02.psnr", "ch02.reparameterize"], extra_tests=[str(hidden)])
+    report = grader.grade(student, ["ch01", "ch02.psnr", "ch02.reparameterize", "ch08.img2img_start"],
+                          extra_tests=[str(hidden)])
     check(report, attacks, before)
 
 
@@ -243,6 +256,7 @@ def test_the_report_and_grade_json_name_the_isolation_level_and_warn_when_it_is_
     report = grader.GradeReport(ROOT, ROOT / "tests" / "tasks", [], [], [], level)
     data = report.to_json()["isolation"]
     assert data["level"] == level and data["description"] in report.table()
+    assert "grader's own process" in data["tests_ran"] and data["tests_ran"] in report.table()
     assert (data["warning"] == "") == (level == "root")
     assert ("WARNING: NO ISOLATION" in report.table()) == (level == "none")
 

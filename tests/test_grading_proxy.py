@@ -16,9 +16,12 @@ import torch
 from minildm import attention
 from minildm.attention import OnlineSoftmax, naive_attention, online_softmax_step
 from minildm.autoencoder import DiagonalGaussian, ResBlock
-from minildm.grading.codec import path_of
-from minildm.grading.grader import copy_worker
+from minildm.grading.codec import decode, path_of
 from minildm.grading.proxy import CallTimedOut, Client, TaskStopped, WorkerGone, proxied
+from minildm.grading.scratch import copy_worker
+from minildm.schedule import NoiseSchedule
+from minildm.train_ldm import diffusion_loss
+from minildm.train_vae import measure_scale_factor
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = '''
@@ -36,6 +39,17 @@ def die(x):
 
 def double(x):
     return 2 * x
+
+def careful(x):
+    import warnings
+    warnings.warn("25 duplicate points dropped")
+    return x
+
+def peek(obj):
+    return obj.secret()
+
+def twice(f, x):
+    return f(f(x))
 '''
 
 
@@ -46,7 +60,7 @@ def client_for(package_root: Path, folder: Path, timeout: float = 60.0) -> Clien
     def start() -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, cwd=folder, env=env)
-    return Client(start, timeout, {path_of(OnlineSoftmax): OnlineSoftmax})
+    return Client(start, timeout, {path_of(OnlineSoftmax): OnlineSoftmax}, warm={"op": "import", "modules": []})
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +132,118 @@ def test_student_errors_hangs_and_crashes_cost_their_own_call_only(tmp_path):
         assert proxied(client, "minildm.tricks:double", "ch09.double")(torch.ones(2)).tolist() == [2.0, 2.0]
     finally:
         client.close()
+
+
+class Recorder(torch.nn.Module):
+    """A test's own model: it cannot cross to the worker, so the worker calls back into it; it counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Conv2d(2, 2, 1)
+        self.calls = 0
+
+    def forward(self, zt, t, ids):
+        self.calls += 1
+        return self.mix(zt) + (t.float() / 1000 + ids.float().mean(1)).view(-1, 1, 1, 1)
+
+    def encode(self, x):
+        self.calls += 1
+        return DiagonalGaussian(torch.cat([x.mean(1, keepdim=True).repeat(1, 4, 1, 1)] * 2, dim=1)[:, :8])
+
+
+def test_a_tests_own_object_stays_here_and_is_called_back_once_per_use(reference):
+    remote = proxied(reference, "minildm.train_vae:measure_scale_factor", "ch02.scale_factor")
+    pixels = torch.randint(0, 256, (300, 4, 4, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    here, there = Recorder(), Recorder()
+    assert remote(there, pixels, count=300, seed=2) == measure_scale_factor(here, pixels, count=300, seed=2)
+    assert there.calls == here.calls == 2                              # batches of 256 and 44, each encoded once
+
+
+def test_gradients_reach_a_tests_own_model_through_its_callbacks(reference):
+    remote = proxied(reference, "minildm.train_ldm:diffusion_loss", "ch06.training_loss")
+    schedule = NoiseSchedule(prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(3)
+    z0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t, ids = torch.tensor([999, 0, 400]), torch.randint(0, 9, (3, 5), generator=g)
+    here, there = Recorder(), Recorder()
+    there.load_state_dict(here.state_dict())
+    loss = remote(there, schedule, z0, t, noise, ids)
+    expected = diffusion_loss(here, schedule, z0, t, noise, ids)
+    assert loss.requires_grad and torch.allclose(loss, expected)
+    loss.backward()
+    expected.backward()
+    for (name, a), b in zip(there.named_parameters(), here.parameters()):
+        assert a.grad is not None and torch.allclose(a.grad, b.grad, atol=1e-6), name
+    assert there.calls == 1                         # the backward's replay got the recorded answer, not a new call
+
+
+def test_the_worker_reaches_only_public_attributes_and_no_module_or_class_of_the_grader():
+    client = Client(None, 1.0, {})
+
+    class Secretive:
+        hidden = "no"
+
+        def __init__(self):
+            self.module, self.kind, self._key = os, Secretive, "7f3a"
+
+    number = client.handle(Secretive())
+    asked = [("getattr", "_key"), ("getattr", "__dict__"), ("getattr", "module"), ("getattr", "kind"),
+             ("call", "__reduce__"), ("call", "__init__")]
+    for op, name in asked:
+        reply = decode(client.callback({"op": op, "handle": number, "name": name, "args": [], "kwargs": {}}))
+        assert reply["ok"] is False and "7f3a" not in str(reply), (op, name, reply)
+    public = decode(client.callback({"op": "getattr", "handle": number, "name": "hidden"}))
+    assert public == {"ok": True, "value": "no"}
+    unknown = decode(client.callback({"op": "call", "handle": number + 5, "name": None}))
+    assert unknown["ok"] is False and "never given" in unknown["message"]
+    client.forget()                                                      # the end of a test
+    gone = decode(client.callback({"op": "getattr", "handle": number, "name": "hidden"}))
+    assert gone["ok"] is False and client.handle(object()) != number
+
+
+def test_warnings_nested_calls_and_the_tests_forbidden_functions_cross_to_the_worker(tmp_path, reference):
+    (tmp_path / "minildm").mkdir()
+    (tmp_path / "minildm" / "__init__.py").write_text("")
+    (tmp_path / "minildm" / "tricks.py").write_text(STUDENT)
+    client = client_for(tmp_path, tmp_path)
+    try:
+        with pytest.warns(UserWarning, match="25 duplicate points dropped"):
+            proxied(client, "minildm.tricks:careful", "ch01.twonn")(1)
+        double = proxied(client, "minildm.tricks:double", "ch09.double")      # the worker calls back here, and
+        twice = proxied(client, "minildm.tricks:twice", "ch09.twice")         # this calls the worker again
+        assert twice(double, torch.ones(2)).tolist() == [4.0, 4.0]
+    finally:
+        client.close()
+    banned = {"task": "ch02.gaussian_kl", "targets": ["torch:sum"]}
+    kl = proxied(reference, "minildm.autoencoder:DiagonalGaussian.kl", "ch02.gaussian_kl", forbid=lambda: banned)
+    with pytest.raises(AssertionError, match="ch02.gaussian_kl must be written by hand: it may not call torch.sum"):
+        kl(DiagonalGaussian(torch.randn(1, 8, 2, 2)))
+    assert torch.sum(torch.ones(2)) == 2                                 # forbidden there, not here
+
+
+def test_forbid_in_a_graded_run_only_records_its_targets_for_the_proxies(monkeypatch):
+    from minildm.grading import forbid
+
+    monkeypatch.setattr(forbid, "REMOTE", True)
+    with pytest.MonkeyPatch.context() as test:
+        forbid.forbid(test, "ch02.gaussian_kl", "torch:sum")
+        assert forbid.ACTIVE == {"task": "ch02.gaussian_kl", "targets": ["torch:sum"]}
+        assert torch.sum(torch.ones(2)) == 2
+    assert forbid.ACTIVE == {"task": "", "targets": []}
+    with pytest.MonkeyPatch.context() as test:
+        monkeypatch.setattr(forbid, "REMOTE", False)
+        forbid.forbid(test, "ch02.gaussian_kl", "torch:sum")
+        with pytest.raises(AssertionError, match="may not call torch.sum"):
+            torch.sum(torch.ones(2))
+    assert torch.sum(torch.ones(2)) == 2
+
+
+def test_the_grader_proxies_one_function_per_graded_region():
+    from minildm.grading.tasks import TASKS
+    from minildm.grading.trusted import graded_functions
+
+    found = graded_functions(set(TASKS))
+    assert sorted(set(found.values())) == sorted(TASKS) and len(found) == len(TASKS)
+    assert found["minildm.metrics:psnr"] == "ch02.psnr"
+    assert found["minildm.clip_tokenizer:CLIPTokenizer.bpe"] == "ch09.bpe_merge"
+    assert graded_functions({"ch02.psnr"}) == {"minildm.metrics:psnr": "ch02.psnr"}

@@ -14,7 +14,7 @@ import torch
 from minildm.attention import naive_attention
 from minildm.autoencoder import DiagonalGaussian
 from minildm.grading.codec import decode, encode, read_frame, write_frame
-from minildm.grading.grader import copy_worker
+from minildm.grading.scratch import copy_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = '''
@@ -89,7 +89,8 @@ def test_the_generator_comes_back_advanced_as_it_would_be_in_process(reference_w
 
 def test_a_forbidden_function_fails_the_call_with_the_tests_message(reference_worker):
     reply = reference_worker.ask(target="minildm.autoencoder:DiagonalGaussian.kl", task="ch02.gaussian_kl",
-                                 args=[DiagonalGaussian(torch.randn(1, 4, 2, 2))], forbid=["torch:sum"])
+                                 args=[DiagonalGaussian(torch.randn(1, 4, 2, 2))],
+                                 forbid={"task": "ch02.gaussian_kl", "targets": ["torch:sum"]})
     assert not reply["ok"] and reply["error"] == "AssertionError"
     assert "ch02.gaussian_kl must be written by hand: it may not call torch.sum" in reply["message"]
     again = reference_worker.ask(target="minildm.autoencoder:DiagonalGaussian.kl",

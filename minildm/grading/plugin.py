@@ -1,15 +1,15 @@
 """The pytest side of `minildm grade`: select the tests of the chosen tasks and log every outcome as it happens.
 
-The grader copies this file next to the student's package under another name and loads it with `-p`, so it must
-import nothing from minildm: in a grading run `minildm` is the student's code. It writes one JSON line per event
-to --grade-log, flushed at once, so that when a test hangs or kills the interpreter the grader still knows which
-test it was and what the others did:
+The grader's trusted pytest process loads it with `-p minildm.grading.plugin` (runner.py). It imports nothing from
+minildm, so it also works in a plain pytest run of the task tests. It writes one JSON line per event to
+--grade-log, flushed at once, so that when a test hangs or kills the interpreter the grader still knows which test
+it was and what the others did:
 
     {"event": "collected", "nodeid": ..., "task": "ch02.gaussian_kl", "points": 2.0}
     {"event": "start", "nodeid": ...}
     {"event": "result", "nodeid": ..., "outcome": "passed" | "failed" | "skipped", "exception": ..., "message": ...}
 
-Timeouts are the grader's job (it watches the log from outside), which works for a loop in C as well as in Python.
+A hang in the student's code is the proxy's to stop (proxy.py); the grader also watches the log from outside.
 """
 
 from __future__ import annotations

@@ -1,20 +1,18 @@
 """Checks for the task tests: failures that say what is wrong (shape, dtype, errors, where) and where to read.
 
-These live with the tests, not in the package: when `minildm grade` runs, `minildm` is the student's code, and the
-checks must not be theirs. A failure never shows the reference solution, only what was expected of the output.
+These live with the tests, not in the package: `minildm grade` runs them in its own process on the reference, where
+the graded functions are proxies to the student's code (minildm/grading/trusted.py), and a student's copy of them
+is never used. A failure never shows the reference solution, only what was expected of the output.
 """
 
 from __future__ import annotations
-
-import importlib
-import sys
 
 import pytest
 import torch
 
 
 def section(task: str) -> str:
-    """Where the chapter explains the task (from the task list; the student's copy can only change the wording)."""
+    """Where the chapter explains the task (from the task list)."""
     try:
         from minildm.grading.tasks import TASKS
         return f" (see chapter {TASKS[task].number}, section: {TASKS[task].section})"
@@ -57,34 +55,12 @@ def check_number(actual, expected: float, task: str, what: str, rel: float = 1e-
 
 
 def forbid(monkeypatch, task: str, *targets: str) -> None:
-    """Make the named functions raise, so the exercise cannot hand the work to torch or diffusers.
+    """Make the named functions ("torch.distributions:kl_divergence") raise for the rest of the test, so the
+    exercise cannot hand the work to torch or diffusers (grading/forbid.py: in-process, or, under `minildm grade`,
+    around each call of the student's code in the worker)."""
+    from minildm.grading import forbid as forbidding
 
-    A target is "module.path:attribute.path" ("torch.distributions:kl_divergence"). A package that is not loaded
-    yet (diffusers, usually) is blocked whole for the test instead: importing it fails, and loading it just to
-    patch it would cost seconds. Besides the attribute itself, any name in a loaded minildm module bound to the
-    same object (as after `from torch.distributions import kl_divergence`) is replaced too.
-    """
-    for target in targets:
-        module_name, _, attribute = target.partition(":")
-        top = module_name.split(".")[0]
-        if top not in sys.modules:
-            monkeypatch.setitem(sys.modules, top, None)        # `import diffusers` now raises ImportError
-            continue
-        owner = importlib.import_module(module_name)
-        *path, name = attribute.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        original = getattr(owner, name)
-
-        def refuse(*args, _target=f"{module_name}.{attribute}", **kwargs):
-            raise AssertionError(f"{task} must be written by hand: it may not call {_target}")
-
-        monkeypatch.setattr(owner, name, refuse)
-        ours = [m for n, m in list(sys.modules.items()) if m is not None and n.split(".")[0] == "minildm"]
-        for module in ours:
-            for bound, value in list(vars(module).items()):
-                if value is original:
-                    monkeypatch.setattr(module, bound, refuse)
+    forbidding.forbid(monkeypatch, task, *targets)
 
 
 @pytest.fixture(scope="module")
