@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a folder of hidden tests (with @pytest.mark.task and points); may be repeated")
     gr.add_argument("--use-reference-for", dest="use_reference_for", nargs="+", metavar="CHAPTER",
                     help="take these chapters' solutions from the reference (e.g. ch01) and grade the rest")
-    gr.add_argument("--timeout", type=POSITIVE_REAL, default=60.0, help="seconds one call of the student's code may run (default 60)")
+    gr.add_argument("--timeout", type=POSITIVE_REAL, default=60.0,
+                    help="seconds one call of the student's code may run (default 60)")
     gr.add_argument("--report", default="grade.json", help="where to write the JSON report (default ./grade.json)")
     gr.set_defaults(func=cmd_grade)
     return parser
