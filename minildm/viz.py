@@ -98,8 +98,20 @@ def reverse_diffusion_frames(zt_images: torch.Tensor, z0_hat_images: torch.Tenso
     return frames
 
 
-def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 150, hold_last_ms: int = 1500) -> Path:
-    """An animated GIF that loops, one frame per image (Pillow's save_all), holding the last frame a little."""
+def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 150, hold_last_ms: int = 1500,
+             colours: int | None = None) -> Path:
+    """An animated GIF that loops, one frame per image (Pillow's save_all), holding the last frame a little.
+    `colours` (at most 256) gives every frame one shared palette of that many colours, without dithering: dithered
+    per-frame palettes turn smooth gradients into speckle that compresses badly, so this halves the file."""
+    if colours is not None:
+        if not 2 <= colours <= 256:
+            raise ValueError(f"a GIF palette holds 2 to 256 colours, got colours={colours}; pass 256 or fewer")
+        width, height = frames[0].size
+        montage = Image.new("RGB", (width, height * len(frames)))           # every frame, stacked: one palette
+        for i, frame in enumerate(frames):
+            montage.paste(frame.convert("RGB"), (0, height * i))
+        palette = montage.quantize(colours, dither=Image.Dither.NONE)
+        frames = [frame.convert("RGB").quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
     durations = [ms_per_frame] * (len(frames) - 1) + [hold_last_ms]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
     return Path(path)
