@@ -25,6 +25,18 @@ def test_notebook_is_stored_without_outputs_or_execution_counts(path):
                        f"(jupyter nbconvert --clear-output --inplace {path.relative_to(ROOT)})")
 
 
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_valid_nbformat_with_an_id_on_every_cell(path):
+    """nbformat 4.5 requires cell ids (a missing one is a warning now, an error in future nbformat versions)."""
+    import nbformat
+
+    notebook = nbformat.reads(path.read_text(encoding="utf-8"), as_version=nbformat.NO_CONVERT)
+    missing = [i for i, cell in enumerate(notebook.cells) if "id" not in cell]
+    assert not missing, f"{path.name}: cells {missing} have no id; give each a unique one (nbformat.validator.normalize)"
+    nbformat.validate(notebook)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_top_to_bottom(path):
