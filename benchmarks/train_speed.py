@@ -45,7 +45,7 @@ from minildm.ldm_recipe import LDMTrainConfig, model_configs
 from minildm.metrics import evaluate_pipeline
 from minildm.pipeline import LatentDiffusion
 from minildm.pretrained import load_judge
-from minildm.train_ldm import LDMTrainer
+from minildm.train_ldm import LDMTrainer, data_settings
 from minildm.train_vae import VAETrainConfig, VAETrainer, evaluate_psnr, held_out_images
 
 # name -> the settings that differ from the default config (LDMTrainConfig or VAETrainConfig)
@@ -71,17 +71,19 @@ TARGETS = {"ldm": 0.90, "vae": 28.0}
 UNITS = {"ldm": "prompt-following (all four words)", "vae": "held-out PSNR (dB)"}
 
 
-def build(kind: str, changes: dict, folder: Path, device: torch.device):
-    """A fresh trainer for one recipe, its data prepared (timed by the caller)."""
+def build(kind: str, changes: dict, folder: Path, device: torch.device, prepared: list):
+    """A fresh trainer for one recipe, its data prepared (timed by the caller). An LDM recipe whose data settings
+    match an earlier recipe's shares its prepared data: (trainer, prep seconds, shared from), None when its own."""
     if kind == "ldm":
         cfg = LDMTrainConfig(**{"sample_every": 0, "save_every": 10**9, **changes})
         trainer = LDMTrainer(cfg, folder, model_configs(cfg.space), progress=False, device=device)
-        trainer.prepare()
-        return trainer
+        same = next((other for other in prepared if data_settings(other.cfg) == data_settings(cfg)), None)
+        trainer.prepare(data_from=same)
+        return trainer, same
     cfg = VAETrainConfig(**{"save_every": 10**9, **changes})
     trainer = VAETrainer(cfg, folder, progress=False, device=device)
     trainer.held_out = held_out_images(cfg).to(device)                   # rendered once, outside the clock
-    return trainer
+    return trainer, None
 
 
 def score(kind: str, trainer, judge, args: argparse.Namespace, device: torch.device) -> float:
@@ -106,12 +108,15 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown recipe(s) {', '.join(unknown)} for {args.kind}; choose from {', '.join(table)}")
     root = Path(tempfile.mkdtemp(prefix="train_speed-"))
     judge = load_judge("shapes64", device) if args.kind == "ldm" else None
-    runs = {}
+    runs, prep_of = {}, {}
     for name in args.recipes:
         started = time.perf_counter()
-        trainer = build(args.kind, table[name], root / name, device)
-        runs[name] = {"trainer": trainer, "prep_s": time.perf_counter() - started, "spent": [], "points": []}
-        print(f"  {name}: data ready in {runs[name]['prep_s']:.1f} s", file=sys.stderr, flush=True)
+        trainer, same = build(args.kind, table[name], root / name, device, [r["trainer"] for r in runs.values()])
+        # a recipe that shares another's data would have paid the same preparation on its own: count that
+        prep_of[id(trainer)] = prep_of[id(same)] if same is not None else time.perf_counter() - started
+        runs[name] = {"trainer": trainer, "prep_s": prep_of[id(trainer)], "spent": [], "points": []}
+        print(f"  {name}: data ready in {runs[name]['prep_s']:.1f} s" + (" (shared)" if same is not None else ""),
+              file=sys.stderr, flush=True)
     for run_ in runs.values():                                              # pilot steps, then the sized schedule
         for _ in range(PILOT_STEPS):
             run_["spent"].append(seconds(run_["trainer"].train_step, device)[0])

@@ -90,6 +90,11 @@ def diffusion_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: 
     # END SOLUTION
 
 
+def data_settings(cfg: LDMTrainConfig) -> dict:
+    """The settings that decide a run's training data: two runs that agree on them train on the same tensors."""
+    return {name: getattr(cfg, name) for name in ("space", "vae", "num_train_images", "data_seed", "image_size")}
+
+
 class LDMTrainer:
     """Holds the denoiser, its EMA, the optimizer and the step; `run()` trains to cfg.steps, saving as it goes.
 
@@ -134,12 +139,16 @@ class LDMTrainer:
 
     # ----------------------------------------------------------------------------------------------- data
 
-    def prepare(self) -> None:
+    def prepare(self, data_from: "LDMTrainer | None" = None) -> None:
         """Join the other ranks (under torchrun) and load the data: token ids of every caption (N, L), and what z_0 is
         drawn from: the cached posterior moments (N, 2C, h, w) in latent space, the uint8 pixels (N, H, W, 3) in
-        pixel space. Done once; later calls return at once."""
+        pixel space. Done once; later calls return at once. `data_from`: a prepared trainer with the same data
+        settings whose data this one shares instead of loading its own (benchmarks train recipes side by side)."""
         if self.ids is not None:
             return
+        if data_from is not None and data_settings(data_from.cfg) != data_settings(self.cfg):
+            raise ValueError(f"cannot share data prepared for {data_settings(data_from.cfg)} with a run that needs "
+                             f"{data_settings(self.cfg)}; prepare it on its own")
         if self.world_size > 1:
             join_process_group(self.device)
             self.trained = nn.parallel.DistributedDataParallel(
@@ -147,6 +156,9 @@ class LDMTrainer:
         if self.cfg.compile:
             # the same parameters behind a compiled forward and backward: the EMA and the optimizer see no change
             self.trained = torch.compile(self.trained)
+        if data_from is not None:
+            self.z_source, self.ids = data_from.z_source, data_from.ids          # read, never written: safe to share
+            return
         cfg = self.cfg
         data = ShapesDataset(cfg.num_train_images, seed=cfg.data_seed, image_size=cfg.image_size)
         pixels = torch.from_numpy(data.pixels())                                    # (N, H, W, 3) uint8

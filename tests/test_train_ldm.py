@@ -155,6 +155,19 @@ def test_building_a_trainer_joins_no_process_group_and_writes_nothing(tmp_path, 
     assert run.z_source is None and run.ids is None, "building a trainer loaded the data"
 
 
+def test_a_recipe_with_the_same_data_settings_shares_the_prepared_data_and_another_is_refused(tmp_path):
+    first = trainer(tmp_path, "first")
+    first.prepare()
+    second = trainer(tmp_path, "second", t_sampling="min_snr", lr=3e-4)   # a different recipe, the same data
+    second.prepare(data_from=first)
+    assert second.z_source is first.z_source and second.ids is first.ids, "the prepared data was not shared"
+    assert not (tmp_path / "second" / "latents.safetensors").exists(), "the sharing run encoded its own cache"
+    assert torch.equal(second.batch(3)[0], first.batch(3)[0]), "the same seed and step should draw the same z_0"
+    other = trainer(tmp_path, "other", num_train_images=32)
+    with pytest.raises(ValueError, match="cannot share data"):
+        other.prepare(data_from=first)
+
+
 def test_the_latent_cache_is_reused_for_the_same_vae_and_data_and_encoded_again_when_they_change(tmp_path, capsys):
     first = trainer(tmp_path, "run")
     first.prepare()
