@@ -17,7 +17,8 @@ Prints, for each recipe: steps, ms / step, the score at each checkpoint (trainin
 checkpoint that reached the target (--target: 0.90 prompt-following, 28 dB). --plot writes the curves; --json keeps
 every point.
 
-    python benchmarks/train_speed.py ldm --budget 860 --eval-every 215 --recipes default,min_snr,ema_0.99,batch_64 --threads 2
+    python benchmarks/train_speed.py ldm --budget 860 --eval-every 215 --threads 2 \
+        --recipes default,min_snr,ema_0.99,batch_64
     python benchmarks/train_speed.py vae --budget 450 --eval-every 90 --recipes default,lr_1.5e-3 --threads 2
     python benchmarks/train_speed.py ldm --budget 30 --eval-every 15 --eval-images 20 --recipes default,min_snr
 

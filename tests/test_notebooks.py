@@ -34,7 +34,7 @@ def test_notebook_is_valid_nbformat_with_an_id_on_every_cell(path):
     text = path.read_text(encoding="utf-8")
     # the raw JSON: nbformat.reads would quietly add the missing ids before we could see them
     missing = [i for i, cell in enumerate(json.loads(text)["cells"]) if "id" not in cell]
-    assert not missing, f"{path.name}: cells {missing} have no id; give each a unique one (nbformat.validator.normalize)"
+    assert not missing, f"{path.name}: cells {missing} have no id; give each a unique one (nbformat's normalize)"
     nbformat.validate(nbformat.reads(text, as_version=nbformat.NO_CONVERT))
 
 
