@@ -75,8 +75,8 @@ UNITS = {"ldm": "prompt-following (all four words)", "vae": "held-out PSNR (dB)"
 
 
 def build(kind: str, changes: dict, folder: Path, device: torch.device, prepared: list):
-    """A fresh trainer for one recipe, its data prepared (timed by the caller). An LDM recipe whose data settings
-    match an earlier recipe's shares its prepared data: (trainer, prep seconds, shared from), None when its own."""
+    """(a fresh trainer for one recipe with its data prepared, the earlier trainer whose data it shares or None).
+    An LDM recipe whose data settings match an earlier recipe's shares that recipe's prepared data."""
     if kind == "ldm":
         cfg = LDMTrainConfig(**{"sample_every": 0, "save_every": 10**9, **changes})
         trainer = LDMTrainer(cfg, folder, model_configs(cfg.space), progress=False, device=device)
@@ -111,13 +111,13 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown recipe(s) {', '.join(unknown)} for {args.kind}; choose from {', '.join(table)}")
     root = Path(tempfile.mkdtemp(prefix="train_speed-"))
     judge = load_judge("shapes64", device) if args.kind == "ldm" else None
-    runs, prep_of = {}, {}
+    runs = {}
     for name in args.recipes:
         started = time.perf_counter()
         trainer, same = build(args.kind, table[name], root / name, device, [r["trainer"] for r in runs.values()])
         # a recipe that shares another's data would have paid the same preparation on its own: count that
-        prep_of[id(trainer)] = prep_of[id(same)] if same is not None else time.perf_counter() - started
-        runs[name] = {"trainer": trainer, "prep_s": prep_of[id(trainer)], "spent": [], "points": []}
+        prep_s = next((r["prep_s"] for r in runs.values() if r["trainer"] is same), time.perf_counter() - started)
+        runs[name] = {"trainer": trainer, "prep_s": prep_s, "spent": [], "points": []}
         print(f"  {name}: data ready in {runs[name]['prep_s']:.1f} s" + (" (shared)" if same is not None else ""),
               file=sys.stderr, flush=True)
     for run_ in runs.values():                                              # pilot steps, then the sized schedule
