@@ -60,6 +60,9 @@ RECIPES = {
         "ema_0.99": {"ema_decay": 0.99},
         "batch_64": {"batch_size": 64},
         "min_snr_batch_64": {"t_sampling": "min_snr", "batch_size": 64},
+        "min_snr_batch_64_lr2e-3": {"t_sampling": "min_snr", "batch_size": 64, "lr": 2e-3},
+        "min_snr_batch_32": {"t_sampling": "min_snr", "batch_size": 32},
+        "v_min_snr_batch_64": {"prediction_type": "v_prediction", "t_sampling": "min_snr", "batch_size": 64},
         "batch_256_lr2e-3": {"batch_size": 256, "lr": 2e-3},
         "compile": {"compile": True},
     },
@@ -189,16 +192,10 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
 def plot(args: argparse.Namespace, rows: list[dict]) -> None:
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for row in rows:
-        ax.plot([p["wall_s"] / 60 for p in row["points"]], [p["score"] for p in row["points"]], marker="o",
-                label=row["recipe"])
-    ax.axhline(target(args), color="grey", ls="--", label="target")
-    ax.set_xlim(left=0)
-    ax.set_xlabel("wall-clock minutes (data preparation + training)")
-    ax.set_ylabel(UNITS[args.kind])
+    from minildm.viz import plot_training_curves
+
+    fig, ax = plot_training_curves(rows, target(args), "target", UNITS[args.kind], figsize=(6.4, 4.0))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=100)

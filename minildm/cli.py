@@ -155,7 +155,7 @@ def cmd_demo(args) -> int:
                                 f"or `minildm train-ldm --export`")
     out = Path(args.out)
     prepare_output_folder(out)
-    set_threads(args.threads)
+    set_threads(args.threads if args.threads is not None else 0 if args.train else 1)
     start = time.time()
     written = run_demo(out, device=args.device, seed=args.seed, pipeline=args.pipeline, train=args.train)
     print(f"minildm demo: wrote {len(written)} files to {out}/ in {time.time() - start:.1f} s")
@@ -479,10 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pipeline", metavar="FOLDER", default=None,
                         help="draw the sampling figures with this pipeline folder instead of the shipped one")
     source.add_argument("--train", action="store_true",
-                        help="do it all from scratch: train the diffusion model first (SLOW: about 15 minutes on a "
-                             "2-core CPU) into OUT/train-run, export it to OUT/pipeline and draw with it; the VAE is "
-                             "not retrained (the shipped one is reused); run it again to continue an interrupted run")
-    add_threads(demo)
+                        help="do it all from scratch (SLOW: over 20 minutes on a 2-core CPU; it prints its estimate "
+                             "and shows an ETA): train the VAE into OUT/vae-run (exported to OUT/vae), then the "
+                             "diffusion model on its latents into OUT/train-run (exported to OUT/pipeline), and draw "
+                             "with them; run it again to continue an interrupted run")
+    demo.add_argument("--threads", type=THREADS, default=None,
+                      help="torch CPU threads (default 1 for the figures alone; with --train torch's choice, since "
+                           "training is 1.6x faster on 2 threads than on 1; 0: torch's choice)")
     add_device(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -3,7 +3,8 @@
 Chapters 01-02: the compression numbers, reconstructions with their PSNR, the latent channels, and an interpolation
 in pixel space vs latent space with its double exposures counted. Chapters 07-08: samples for a few prompts, one
 reverse diffusion step by step (a strip and a GIF), a guidance sweep, img2img at growing strength, inpainting, and
-a VAE decoder swap. `--train` first trains the diffusion model from scratch (the shipped VAE is reused).
+a VAE decoder swap. `--train` first trains both the VAE and the diffusion model from scratch, with the
+one-command recipes, under one progress bar whose ETA covers the whole demo.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from minildm import manifold, viz
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, compression_ratio, latent_shape
@@ -23,7 +26,7 @@ from minildm.data import COLOURS, SHAPE_KINDS, ShapesDataset
 from minildm.metrics import psnr
 from minildm.pipeline import LatentDiffusion
 from minildm.pretrained import VAES, load_pipeline, load_vae
-from minildm.saving import recover_interrupted_save
+from minildm.saving import read_json, recover_interrupted_save
 
 DEMO_DATA_SEED = 777  # never used for training
 IMAGE_SIZE = 64       # Shapes' size, the one the shipped pipeline was trained at
@@ -36,10 +39,16 @@ GUIDANCE_SCALES = (0.0, 1.0, 2.0, 4.0, 7.5)
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SWAP_VAE = VAES["shapes64"]                         # decoder.safetensors there was fine-tuned for this VAE's latents
 
-# --train: the shipped pipeline's recipe (train_ldm.py defaults) cut from 12,000 steps to 3,000, about 15 minutes
-# on a quiet 2-core CPU (assets/shapes64-ldm/README.md: what fewer steps cost in prompt-following)
-TRAIN_CONFIG = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "save_every": 250, "sample_every": 0}
-TRAIN_MODELS = {"channels": "32,64", "norm_num_groups": 8}
+# --train: both models from scratch with the one-command recipes (the `minildm train-vae` and `minildm train-ldm`
+# defaults), then the figures. Only train-ldm's sample grids are left out: the demo draws its own.
+VAE_TRAIN: dict = {}                                # VAETrainConfig settings that differ from its defaults
+VAE_MODEL: AutoencoderConfig | None = None          # None: shapes64's, what train-vae builds
+LDM_TRAIN: dict = {"sample_every": 0}               # LDMTrainConfig settings that differ from its defaults
+LDM_MODELS: dict = {}                               # model_configs() arguments; {}: train-ldm's networks
+# What each stage of --train took on the reference machine (this project's quiet 2-core CPU, torch's default
+# threads; benchmarks/results/demo-train.json). The overall bar counts in these seconds, so its ETA is what is
+# left at the pace this machine has kept so far.
+STAGE_SECONDS = {"vae": 387.0, "vae_finish": 13.0, "ldm_data": 49.0, "ldm": 860.0, "figures": 60.0}
 SHIPPED_SAMPLING = {"guidance_scale": 4.0, "steps": 25}      # the shipped pipeline.json's defaults
 
 
@@ -202,41 +211,137 @@ def diffusion_figures(out: Path, pipe: LatentDiffusion, seed: int) -> list[tuple
 # ------------------------------------------------------------------------------------------- the demo
 
 
-def train_pipeline(out: Path, device=None) -> Path:
-    """--train: the diffusion model from scratch into out/train-run (resumed if it is there), exported to
-    out/pipeline. The VAE is not retrained: training encodes Shapes with the shipped one."""
-    from minildm.ldm_export import export_pipeline
-    from minildm.ldm_recipe import LDMTrainConfig, model_configs
-    from minildm.train_ldm import CHECKPOINT, LDMTrainer
+class OverallProgress:
+    """--train's one bar over every stage, counted in the reference machine's seconds (STAGE_SECONDS): a training
+    step moves it by its stage's seconds / steps, so its ETA covers what is left of the whole demo. It also clocks
+    each stage here, for the record (`times`)."""
 
-    cfg = LDMTrainConfig(**TRAIN_CONFIG)
-    run = out / "train-run"
-    print(f"training the diffusion model from scratch: {cfg.steps} steps into {run} (about 15 minutes on a 2-core "
-          f"CPU, a quarter of the shipped model's 12,000; the shipped VAE is reused, not retrained; interrupted? run "
-          f"the same command to continue)")
-    recover_interrupted_save(run / CHECKPOINT)         # a save cut short is finished before deciding to resume
-    resume = (run / CHECKPOINT).is_dir()
-    trainer = LDMTrainer(cfg, run, model_configs(**TRAIN_MODELS), resume=resume, device=device)
-    summary = trainer.run()
+    def __init__(self, done_before: float = 0.0, enabled: bool = True):
+        # smoothing=0: the pace is the average since the start, not that of the last few steps (stages differ)
+        self.bar = tqdm(total=sum(STAGE_SECONDS.values()), initial=done_before, disable=not enabled, smoothing=0,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} so far, about {remaining} left")
+        self.times: dict[str, float] = {}
+        self.current, self.since = None, time.perf_counter()
+
+    def stage(self, stage: str, what: str) -> None:
+        """`stage` (a STAGE_SECONDS key) begins; the clock of the one before it stops."""
+        self.stop_clock()
+        self.current, self.since = stage, time.perf_counter()
+        self.bar.set_description_str(what)
+
+    def stop_clock(self) -> None:
+        if self.current is not None:
+            self.times[self.current] = round(time.perf_counter() - self.since, 1)
+            self.current = None
+
+    def step(self, steps: int) -> None:
+        """One step of the current stage's `steps`."""
+        self.bar.update(STAGE_SECONDS[self.current] / steps)
+
+    def done(self) -> None:
+        """The current stage is complete: the bar moves by all of it (for stages without steps)."""
+        self.bar.update(STAGE_SECONDS[self.current])
+        self.stop_clock()
+
+    def close(self) -> None:
+        self.stop_clock()
+        self.bar.close()
+
+
+def train_configs(out: Path):
+    """(VAETrainConfig, LDMTrainConfig) of --train into `out`: the one-command defaults, the LDM on out/vae."""
+    from minildm.ldm_recipe import LDMTrainConfig
+    from minildm.train_vae import VAETrainConfig
+
+    return VAETrainConfig(**VAE_TRAIN), LDMTrainConfig(**{**LDM_TRAIN, "vae": str(out / "vae")})
+
+
+def done_before(out: Path) -> float:
+    """The reference seconds of --train's work that an earlier, interrupted --train into `out` already did."""
+    from minildm.train_ldm import CHECKPOINT, TRAINER_NAME
+
+    def steps(trainer_json: Path) -> int:
+        return read_json(trainer_json)["step"] if trainer_json.is_file() else 0
+
+    vae_cfg, ldm_cfg = train_configs(out)
+    if (out / "vae" / "config.json").is_file():
+        vae = STAGE_SECONDS["vae"] + STAGE_SECONDS["vae_finish"]
+    else:
+        vae = STAGE_SECONDS["vae"] * steps(out / "vae-run" / TRAINER_NAME) / vae_cfg.steps
+    return vae + STAGE_SECONDS["ldm"] * steps(out / "train-run" / CHECKPOINT / TRAINER_NAME) / ldm_cfg.steps
+
+
+def train_pipeline(out: Path, device=None, overall: OverallProgress | None = None) -> Path:
+    """--train: the VAE from scratch into out/vae-run, exported to out/vae; then the diffusion model on its latents
+    into out/train-run, exported to out/pipeline (beside out/vae, which the pipeline refers to). A run an earlier
+    --train left unfinished is resumed; a finished VAE export is reused. `overall`: the bar to move."""
+    from minildm.ldm_export import export_pipeline
+    from minildm.ldm_recipe import model_configs
+    from minildm.train_ldm import CHECKPOINT, LDMTrainer
+    from minildm.train_vae import VAETrainer, export_model
+
+    overall = overall or OverallProgress(enabled=False)
+    vae_cfg, ldm_cfg = train_configs(out)
+    vae_run, ldm_run = out / "vae-run", out / "train-run"
+    for folder in (vae_run, ldm_run / CHECKPOINT):     # a save cut short is finished before deciding to resume
+        recover_interrupted_save(folder)
+    if not (out / "vae" / "config.json").is_file():
+        overall.stage("vae", "1/3 training the VAE")
+        vae = VAETrainer(vae_cfg, vae_run, VAE_MODEL, resume=vae_run.is_dir(), progress=False, device=device)
+        summary = vae.run(after_step=lambda record: overall.step(vae_cfg.steps))
+        overall.stage("vae_finish", "1/3 measuring the VAE")
+        export_model(vae_run, out / "vae", {"command": "minildm demo --train", "seed": vae_cfg.seed,
+                                            "data_seed": vae_cfg.data_seed, "torch_threads": torch.get_num_threads(),
+                                            **summary})
+        overall.done()
+    overall.stage("ldm_data", "2/3 encoding the training images")
+    ldm = LDMTrainer(ldm_cfg, ldm_run, model_configs(**LDM_MODELS), resume=(ldm_run / CHECKPOINT).is_dir(),
+                     progress=False, device=device)
+    ldm.prepare()
+    overall.done()
+    overall.stage("ldm", "2/3 training the diffusion model")
+    summary = ldm.run(after_step=lambda record: overall.step(ldm_cfg.steps))
+    overall.stop_clock()
     if summary.get("stopped_early"):
-        raise SystemExit(f"training stopped at step {summary['steps']} of {cfg.steps}; run the same command again to "
-                         f"continue it")
-    notes = {"command": "minildm demo --train", "seed": cfg.seed, "data_seed": cfg.data_seed,
+        raise SystemExit(f"training stopped at step {summary['steps']} of {ldm_cfg.steps}; run the same command "
+                         f"again to continue it")
+    notes = {"command": "minildm demo --train", "seed": ldm_cfg.seed, "data_seed": ldm_cfg.data_seed,
              "torch_threads": torch.get_num_threads(), **summary}
-    return export_pipeline(run, out / "pipeline", notes, **SHIPPED_SAMPLING)
+    return export_pipeline(ldm_run, out / "pipeline", notes, **SHIPPED_SAMPLING)
 
 
 def run_demo(out: Path, device=None, seed: int = 0, pipeline: LatentDiffusion | str | Path | None = None,
-             train: bool = False) -> list[tuple[Path, str]]:
+             train: bool = False, progress: bool = True) -> list[tuple[Path, str]]:
     """Write every figure into `out`; returns [(path, what it shows)]. `pipeline`: a LatentDiffusion or a pipeline
-    folder (default: the shipped shapes64); `train=True` trains one first (see train_pipeline)."""
+    folder (default: the shipped shapes64); `train=True` trains one from scratch first (see train_pipeline), under
+    one progress bar with an ETA (`progress`), and records how long each stage took in out/train-stages.json."""
     out = Path(out)
+    overall = OverallProgress(done_before(out), enabled=progress) if train else None
+    try:
+        if train:
+            total = sum(STAGE_SECONDS.values()) / 60
+            print(f"training from scratch: the VAE into {out / 'vae-run'}, the diffusion model on its latents into "
+                  f"{out / 'train-run'}, then the figures: about {total:.0f} minutes on a quiet 2-core CPU. "
+                  f"Interrupted? Run the same command to continue.")
+            pipeline = train_pipeline(out, device, overall)
+            overall.stage("figures", "3/3 drawing the figures")
+        if isinstance(pipeline, LatentDiffusion):
+            pipe = pipeline
+        else:
+            pipe = (load_pipeline("shapes64", device) if pipeline is None
+                    else LatentDiffusion.from_folder(pipeline, device))
+        # chapters 01-02 measure the pipeline's own VAE, in float32 (a CUDA pipeline runs in float16)
+        vae = copy.deepcopy(pipe.vae).float() if pipe.space == "latent" else load_vae("shapes64", device=device)
+        written = vae_figures(out, vae, seed) + diffusion_figures(out, pipe, seed)
+        if overall is not None:
+            overall.done()
+    finally:
+        if overall is not None:
+            overall.close()
     if train:
-        pipeline = train_pipeline(out, device)
-    if isinstance(pipeline, LatentDiffusion):
-        pipe = pipeline
-    else:
-        pipe = load_pipeline("shapes64", device) if pipeline is None else LatentDiffusion.from_folder(pipeline, device)
-    # chapters 01-02 measure the pipeline's own VAE, in float32 (a CUDA pipeline runs in float16)
-    vae = copy.deepcopy(pipe.vae).float() if pipe.space == "latent" else load_vae("shapes64", device=device)
-    return vae_figures(out, vae, seed) + diffusion_figures(out, pipe, seed)
+        record = {"stage_seconds_here": overall.times, "stage_seconds_reference": STAGE_SECONDS,
+                  "torch_threads": torch.get_num_threads()}
+        (out / "train-stages.json").write_text(json.dumps(record, indent=2) + "\n")
+        written.append((out / "train-stages.json", "how long each stage of --train took here (seconds), beside the "
+                                                   "reference machine's"))
+    return written

@@ -21,6 +21,7 @@ the loss, the loop and its checkpoints.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -217,8 +218,9 @@ class LDMTrainer:
         self.step += 1
         return {"step": self.step, "loss": loss.detach(), "lr": lr, "grad_norm": grad_norm.detach()}
 
-    def run(self, stop_after: int | None = None) -> dict:
-        """Train to cfg.steps, or for at most `stop_after` steps now (resume later). Ctrl-C saves and stops."""
+    def run(self, stop_after: int | None = None, after_step: Callable[[dict], None] | None = None) -> dict:
+        """Train to cfg.steps, or for at most `stop_after` steps now (resume later). Ctrl-C saves and stops.
+        `after_step(record)` is called after every step (`minildm demo --train` moves its overall bar with it)."""
         self.prepare()
         cfg = self.cfg
         start_time, start_step = time.time(), self.step
@@ -233,6 +235,8 @@ class LDMTrainer:
                     self.record(record, self.train_seconds + time.time() - start_time)
                     bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}", lr=f"{record['lr']:.1e}")
                 bar.update(1)
+                if after_step is not None:
+                    after_step(record)
                 if self.step % cfg.save_every == 0 and self.step < end:
                     self.train_seconds += time.time() - start_time
                     start_time = time.time()

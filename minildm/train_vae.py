@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -258,8 +259,9 @@ class VAETrainer:
         out.update({k: float(v.detach()) for k, v in parts.items()})
         return out
 
-    def run(self, stop_after: int | None = None) -> dict:
-        """Train to cfg.steps (the schedule's length), or for at most `stop_after` steps now: resume later."""
+    def run(self, stop_after: int | None = None, after_step: Callable[[dict], None] | None = None) -> dict:
+        """Train to cfg.steps (the schedule's length), or for at most `stop_after` steps now: resume later.
+        `after_step(record)` is called after every step (`minildm demo --train` moves its overall bar with it)."""
         cfg = self.cfg
         start_time, start_step = time.time(), self.step
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
@@ -270,6 +272,8 @@ class VAETrainer:
                 self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.1f}", psnr=f"{record['psnr']:.2f}")
             bar.update(1)
+            if after_step is not None:
+                after_step(record)
             if self.step % cfg.save_every == 0 and self.step < end:
                 self.train_seconds += time.time() - start_time
                 start_time = time.time()

@@ -123,3 +123,18 @@ def save_or_return(fig, path: str | Path | None):
     fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.05)   # "tight": labels outside the Axes too
     plt.close(fig)
     return Path(path)
+
+
+def plot_training_curves(rows: list[dict], target: float, target_label: str, ylabel: str,
+                         labels: dict[str, str] | None = None, figsize: tuple[float, float] = (6.4, 3.8)):
+    """Chapters 02 and 06 (benchmarks/train_speed.py): each recipe's score against wall-clock minutes, one line per
+    row ({"recipe", "points": [{"wall_s", "score"}, ...]}), with the target dashed. Returns (fig, ax) to adjust."""
+    fig, ax = plt.subplots(figsize=figsize)
+    for row in rows:
+        minutes = [point["wall_s"] / 60 for point in row["points"]]
+        ax.plot(minutes, [point["score"] for point in row["points"]], marker="o",
+                label=(labels or {}).get(row["recipe"], row["recipe"]))
+    ax.axhline(target, color="grey", ls="--", label=target_label)
+    ax.set(xlabel="wall-clock minutes (data preparation + training)", ylabel=ylabel)
+    ax.set_xlim(left=0)
+    return fig, ax

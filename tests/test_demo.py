@@ -121,19 +121,61 @@ def test_the_decoder_file_is_swapped_only_into_the_vae_it_was_made_for(folders, 
     assert not demo.decoder_file_fits(pipe, other)
 
 
-def test_train_pipeline_trains_exports_and_resumes_a_finished_run(folders, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "TRAIN_CONFIG", {"steps": 2, "batch_size": 4, "num_train_images": 8, "save_every": 2,
-                                               "sample_every": 0, "log_every": 1, "vae": str(folders / "vae")})
-    monkeypatch.setattr(demo, "TRAIN_MODELS", {"channels": "32,64", "norm_num_groups": 8, "text_dim": 32,
-                                               "text_depth": 1, "heads": 2})
-    exported = demo.train_pipeline(tmp_path, device="cpu")
-    printed = capsys.readouterr().out
-    assert "from scratch" in printed and "not retrained" in printed
-    assert exported == tmp_path / "pipeline" and (exported / "training.json").is_file()
-    assert json.loads((tmp_path / "train-run" / "checkpoint" / "trainer.json").read_text())["step"] == 2
-    # again into the same folder: the finished run is resumed (no new steps), not refused
-    assert demo.train_pipeline(tmp_path, device="cpu") == exported
-    LatentDiffusion.from_folder(exported, "cpu").text_to_image("a red circle", steps=2)
+@pytest.fixture
+def tiny_training(small_demo, monkeypatch):
+    """--train's recipes cut to two steps each, on tiny networks."""
+    monkeypatch.setattr(demo, "VAE_TRAIN", {"steps": 2, "batch_size": 2, "num_train_images": 16, "eval_images": 8,
+                                            "scale_images": 8, "save_every": 2})
+    monkeypatch.setattr(demo, "VAE_MODEL", tiny_vae().config)
+    monkeypatch.setattr(demo, "LDM_TRAIN", {"steps": 2, "batch_size": 4, "num_train_images": 8, "save_every": 2,
+                                            "sample_every": 0, "log_every": 1})
+    monkeypatch.setattr(demo, "LDM_MODELS", {"channels": "32,64", "norm_num_groups": 8, "text_dim": 32,
+                                             "text_depth": 1, "heads": 2})
+
+
+def test_demo_train_trains_the_vae_then_the_ldm_on_its_latents_then_draws(tiny_training, tmp_path, capsys):
+    out = tmp_path / "demo"
+    written = demo.run_demo(out, device="cpu", train=True)
+    assert "the VAE" in capsys.readouterr().out
+    # the decoder file fits only the shipped VAE: a VAE trained here gets no swap figure
+    assert {path.name for path, _ in written} == EXPECTED - {"vae_swap.png"} | {"train-stages.json"}
+    assert json.loads((out / "vae-run" / "trainer.json").read_text())["step"] == 2
+    assert json.loads((out / "train-run" / "checkpoint" / "trainer.json").read_text())["step"] == 2
+    # the pipeline draws with the VAE trained here (out/vae, referred to), not the shipped one
+    pipe = LatentDiffusion.from_folder(out / "pipeline", "cpu")
+    trained = AutoencoderKL.from_folder(out / "vae")
+    assert pipe.vae.config == trained.config and pipe.vae.config.scale_factor != tiny_vae().config.scale_factor
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), trained.state_dict().values()))
+    stages = json.loads((out / "train-stages.json").read_text())
+    assert set(stages["stage_seconds_here"]) == set(demo.STAGE_SECONDS)
+    assert all(seconds >= 0 for seconds in stages["stage_seconds_here"].values())
+
+
+def test_demo_train_again_continues_and_reuses_what_is_finished(tiny_training, tmp_path):
+    out = tmp_path / "demo"
+    assert demo.done_before(out) == 0
+    demo.run_demo(out, device="cpu", train=True, progress=False)
+    vae_written = (out / "vae" / "model.safetensors").stat().st_mtime_ns
+    training = sum(seconds for stage, seconds in demo.STAGE_SECONDS.items() if stage not in ("ldm_data", "figures"))
+    assert demo.done_before(out) == pytest.approx(training)        # the overall bar starts where the runs got to
+    demo.run_demo(out, device="cpu", train=True, progress=False)
+    assert (out / "vae" / "model.safetensors").stat().st_mtime_ns == vae_written   # the finished VAE is reused
+    assert json.loads((out / "train-run" / "checkpoint" / "trainer.json").read_text())["step"] == 2
+    assert "vae" not in json.loads((out / "train-stages.json").read_text())["stage_seconds_here"]
+
+
+def test_the_overall_bar_moves_by_each_stage_share_of_the_reference_seconds(capsys):
+    overall = demo.OverallProgress(done_before=10.0)
+    overall.stage("vae", "1/3 training the VAE")
+    for _ in range(4):
+        overall.step(8)
+    assert overall.bar.n == pytest.approx(10.0 + demo.STAGE_SECONDS["vae"] / 2)
+    overall.stage("ldm_data", "2/3 encoding")
+    overall.done()
+    assert overall.bar.n == pytest.approx(10.0 + demo.STAGE_SECONDS["vae"] / 2 + demo.STAGE_SECONDS["ldm_data"])
+    assert set(overall.times) == {"vae", "ldm_data"}
+    overall.close()
+    assert "left" in capsys.readouterr().err                        # the ETA is shown
 
 
 @pytest.mark.parametrize("args, says, code", [(["--train", "--pipeline", "."], "--train", 2),      # by argparse
