@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--prediction", dest="prediction_type", choices=["epsilon", "sample", "v_prediction"],
                     help="what the U-Net predicts: eps (default), z_0 or v")
     tl.add_argument("--t-sampling", dest="t_sampling", choices=["uniform", "min_snr", "lognormal"],
-                    help="how often each timestep is drawn: uniform (default), min_snr (Hang et al. 2023's weighting "
+                    help="how often each timestep is drawn: uniform, min_snr (default; Hang et al. 2023's weighting "
                          "as a distribution) or lognormal (EDM's noise levels)")
     tl.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the denoiser (inductor; the first steps wait for the compiler)")

@@ -45,10 +45,13 @@ VAE_TRAIN: dict = {}                                # VAETrainConfig settings th
 VAE_MODEL: AutoencoderConfig | None = None          # None: shapes64's, what train-vae builds
 LDM_TRAIN: dict = {"sample_every": 0}               # LDMTrainConfig settings that differ from its defaults
 LDM_MODELS: dict = {}                               # model_configs() arguments; {}: train-ldm's networks
-# What each stage of --train took on the reference machine (this project's quiet 2-core CPU, torch's default
-# threads; benchmarks/results/demo-train.json). The overall bar counts in these seconds, so its ETA is what is
+# What each stage of --train takes on the reference machine (this project's 2-core CPU on a quiet day, torch's
+# default threads), from the records of the stages run alone: the VAE's 400 s from start to exit, 387 s of them
+# training (benchmarks/results/train-vae-defaults.json; the rest split between drawing its data and measuring it),
+# the LDM's data preparation (49 s) and its 164 ms a step at batch 64 x 5,000 steps (train_speed-ldm.json); the
+# figures about a minute. The overall bar counts in these seconds, so its ETA is what is
 # left at the pace this machine has kept so far.
-STAGE_SECONDS = {"vae": 387.0, "vae_finish": 13.0, "ldm_data": 49.0, "ldm": 860.0, "figures": 60.0}
+STAGE_SECONDS = {"vae_data": 4.0, "vae": 387.0, "vae_finish": 9.0, "ldm_data": 49.0, "ldm": 820.0, "figures": 60.0}
 SHIPPED_SAMPLING = {"guidance_scale": 4.0, "steps": 25}      # the shipped pipeline.json's defaults
 
 
@@ -265,7 +268,7 @@ def done_before(out: Path) -> float:
 
     vae_cfg, ldm_cfg = train_configs(out)
     if (out / "vae" / "config.json").is_file():
-        vae = STAGE_SECONDS["vae"] + STAGE_SECONDS["vae_finish"]
+        vae = STAGE_SECONDS["vae_data"] + STAGE_SECONDS["vae"] + STAGE_SECONDS["vae_finish"]
     else:
         vae = STAGE_SECONDS["vae"] * steps(out / "vae-run" / TRAINER_NAME) / vae_cfg.steps
     return vae + STAGE_SECONDS["ldm"] * steps(out / "train-run" / CHECKPOINT / TRAINER_NAME) / ldm_cfg.steps
@@ -286,8 +289,10 @@ def train_pipeline(out: Path, device=None, overall: OverallProgress | None = Non
     for folder in (vae_run, ldm_run / CHECKPOINT):     # a save cut short is finished before deciding to resume
         recover_interrupted_save(folder)
     if not (out / "vae" / "config.json").is_file():
-        overall.stage("vae", "1/3 training the VAE")
+        overall.stage("vae_data", "1/3 drawing the training images")
         vae = VAETrainer(vae_cfg, vae_run, VAE_MODEL, resume=vae_run.is_dir(), progress=False, device=device)
+        overall.done()
+        overall.stage("vae", "1/3 training the VAE")
         summary = vae.run(after_step=lambda record: overall.step(vae_cfg.steps))
         overall.stage("vae_finish", "1/3 measuring the VAE")
         export_model(vae_run, out / "vae", {"command": "minildm demo --train", "seed": vae_cfg.seed,

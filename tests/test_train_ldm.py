@@ -371,8 +371,8 @@ def test_torchrun_with_two_cpu_processes_keeps_replicas_identical_and_lowers_the
 # ---------------------------------------------------------------------------------------------- faster recipes
 
 def test_the_trainer_draws_timesteps_from_the_configured_sampling(tmp_path):
-    uniform, min_snr = trainer(tmp_path, "u", batch_size=512), trainer(tmp_path, "m", batch_size=512,
-                                                                      t_sampling="min_snr")
+    uniform = trainer(tmp_path, "u", batch_size=512, t_sampling="uniform")
+    min_snr = trainer(tmp_path, "m", batch_size=512, t_sampling="min_snr")
     uniform.prepare()
     min_snr.prepare()
     t_uniform = torch.cat([uniform.batch(step)[2] for step in range(4)])
