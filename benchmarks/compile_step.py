@@ -21,21 +21,22 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")   # before torch: a cold compile
 
 import torch  # noqa: E402
 
+# benchmarks/latent_vs_pixel.py: this folder is sys.path[0] when the script runs
+from latent_vs_pixel import seconds  # noqa: E402
+
 from minildm.ldm_recipe import LDMTrainConfig, model_configs  # noqa: E402
 from minildm.train_ldm import LDMTrainer  # noqa: E402
 
 
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+def timed(trainer: LDMTrainer) -> float:
+    """Wall seconds of one training step (the device's queue drained, as every benchmark here times)."""
+    return seconds(trainer.train_step, trainer.device)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = LDMTrainConfig(sample_every=0, save_every=10**9, compile=compile_)
         trainer = LDMTrainer(cfg, root / name, model_configs(cfg.space), progress=False)
         trainer.prepare(data_from=trainers.get("eager"))
-        first_s[name] = sum(timed(trainer.train_step) for _ in range(args.first))
+        first_s[name] = sum(timed(trainer) for _ in range(args.first))
         print(f"  {name}: first {args.first} steps in {first_s[name]:.1f} s", file=sys.stderr, flush=True)
         trainers[name] = trainer
     spent = {name: [] for name in trainers}
     for _ in range(args.turns):
         for name, trainer in trainers.items():
-            spent[name] += [timed(trainer.train_step) for _ in range(args.per_turn)]
+            spent[name] += [timed(trainer) for _ in range(args.per_turn)]
     rows = [{"mode": name, "first_steps_s": first_s[name], "median_ms": 1e3 * statistics.median(spent[name]),
              "fastest_ms": 1e3 * min(spent[name]), "steps_ms": [1e3 * s for s in spent[name]]} for name in trainers]
     eager, compiled = rows

@@ -47,10 +47,10 @@ LDM_TRAIN: dict = {"sample_every": 0}               # LDMTrainConfig settings th
 LDM_MODELS: dict = {}                               # model_configs() arguments; {}: train-ldm's networks
 # What each stage of --train takes on the reference machine (this project's 2-core CPU on a quiet day, torch's
 # default threads), from the records of the stages run alone: the VAE's 400 s from start to exit, 387 s of them
-# training (benchmarks/results/train-vae-defaults.json; the rest split between drawing its data and measuring it),
-# the LDM's data preparation (49 s) and its 164 ms a step at batch 64 x 5,000 steps (train_speed-ldm.json); the
-# figures about a minute. The overall bar counts in these seconds, so its ETA is what is
-# left at the pace this machine has kept so far.
+# training (benchmarks/results/train-vae-defaults.json; the other 13 s split between drawing its data and measuring
+# it by guess: the record does not clock them apart), the LDM's data preparation (49 s) and its 164 ms a step at
+# batch 64 x 5,000 steps (train_speed-ldm.json); the figures about a minute. The overall bar counts in these
+# seconds, so its ETA is what is left at the pace this machine has kept so far.
 STAGE_SECONDS = {"vae_data": 4.0, "vae": 387.0, "vae_finish": 9.0, "ldm_data": 49.0, "ldm": 820.0, "figures": 60.0}
 SHIPPED_SAMPLING = {"guidance_scale": 4.0, "steps": 25}      # the shipped pipeline.json's defaults
 

@@ -29,8 +29,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class LDMTrainConfig:
-    # the defaults: benchmarks/train_speed.py's best measured recipe for 15 minutes on a quiet 2-core CPU (chapter 06,
-    # "Training against the clock"): min-SNR timesteps, batch 64, lr 2e-3, as many steps as 15 minutes hold there
+    # the defaults: benchmarks/train_speed.py's best measured recipe for 15 minutes on this project's 2-core CPU
+    # (chapter 06, "Training against the clock"): min-SNR timesteps, batch 64, lr 2e-3, as many steps as 15 minutes
+    # hold there
     steps: int = 5000
     batch_size: int = 64                 # per rank
     lr: float = 2e-3
