@@ -1,0 +1,94 @@
+"""From scratch, end to end (issue 17): `minildm demo --train` timed from start to exit as a student runs it, then
+the two models it trained scored against the issue's targets.
+
+1. Runs `python -m minildm demo --train --out OUT` in a child process (the wall clock counts everything: drawing
+   the data, training the VAE, encoding the latents, training the diffusion model, drawing the figures). The demo
+   clocks each stage itself into OUT/train-stages.json, beside the reference machine's seconds (demo.STAGE_SECONDS).
+2. The VAE it trained (exported to OUT/vae): held-out PSNR on train-vae's evaluation images (target: 28 dB, within 8
+   minutes of its stage).
+3. The pipeline it exported (OUT/pipeline): prompt-following on --eval-images held-out captions (seed 2024, never
+   trained on) with the pipeline's own guidance and 25 DDIM steps, read by the shipped judge (target: 90%, within
+   15 minutes of its stages) - metrics.evaluate_pipeline, as benchmarks/train_speed.py scores its recipes.
+
+Prints the stages against the reference machine and the scores against the targets; --json keeps it all.
+
+    python benchmarks/from_scratch.py --out runs/from-scratch --json benchmarks/results/from-scratch.json
+
+An OUT that already holds a --train run is resumed by the demo, so its wall clock would not be a from-scratch
+one: the script refuses a non-empty OUT unless --score-only (score what is there, run nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from minildm.demo import STAGE_SECONDS
+from minildm.metrics import evaluate_pipeline
+from minildm.pipeline import LatentDiffusion
+from minildm.pretrained import load_judge, load_vae_folder
+from minildm.train_vae import VAETrainConfig, evaluate_psnr, held_out_images
+
+TARGETS = {"total_minutes": 25, "vae_psnr_db": 28.0, "vae_minutes": 8, "prompt_following": 0.90, "ldm_minutes": 15}
+VAE_STAGES, LDM_STAGES = ("vae_data", "vae", "vae_finish"), ("ldm_data", "ldm")
+
+
+def run_demo(out: Path) -> float:
+    """Wall seconds of `minildm demo --train --out out`, from start to exit."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "minildm", "demo", "--train", "--out", str(out)], check=True)
+    return time.perf_counter() - start
+
+
+def scores(out: Path, eval_images: int) -> dict:
+    """The trained VAE's held-out PSNR and the exported pipeline's prompt-following."""
+    vae = load_vae_folder(out / "vae")
+    psnr = evaluate_psnr(vae, held_out_images(VAETrainConfig()))
+    pipe = LatentDiffusion.from_folder(out / "pipeline")
+    quality = evaluate_pipeline(pipe, load_judge("shapes64"), eval_images, steps=25)
+    return {"vae_psnr_db": psnr, "prompt_following": quality["prompt_following"]["all"],
+            "guidance_scale": quality["guidance_scale"], "sampler": quality["sampler"], "eval_images": eval_images}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="an empty (or new) folder for the demo's runs and figures")
+    p.add_argument("--eval-images", type=int, default=500)
+    p.add_argument("--score-only", action="store_true", help="score the runs already in --out; train nothing")
+    p.add_argument("--json", help="also write every figure here")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.score_only:
+        wall_s = None
+    elif out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: a --train run there would be resumed, not timed from scratch; give a "
+                         f"new --out (or --score-only to score what is there)")
+    else:
+        wall_s = run_demo(out)
+    stages = json.loads((out / "train-stages.json").read_text())
+    here = stages["stage_seconds_here"]
+    record = {"command": "minildm demo --train", "wall_s": wall_s, "torch_threads": stages["torch_threads"],
+              "stage_seconds_here": here, "stage_seconds_reference": STAGE_SECONDS,
+              "vae_s": sum(here.get(s, 0.0) for s in VAE_STAGES), "ldm_s": sum(here.get(s, 0.0) for s in LDM_STAGES),
+              **scores(out, args.eval_images), "targets": TARGETS}
+    print("\n| stage | reference (s) | here (s) |\n|---|---:|---:|")
+    for stage, reference in STAGE_SECONDS.items():
+        print(f"| {stage} | {reference:.0f} | {here.get(stage, float('nan')):.0f} |")
+    total = "not timed (--score-only)" if wall_s is None else f"{wall_s / 60:.1f} min"
+    print(f"\nwhole command: {total} (target <= {TARGETS['total_minutes']} min)")
+    print(f"VAE: {record['vae_psnr_db']:.2f} dB held-out PSNR after {record['vae_s'] / 60:.1f} min "
+          f"(target >= {TARGETS['vae_psnr_db']} dB in <= {TARGETS['vae_minutes']} min)")
+    print(f"LDM: {100 * record['prompt_following']:.1f}% prompt-following ({args.eval_images} held-out captions, "
+          f"guidance {record['guidance_scale']}, {record['sampler']} 25 steps) after {record['ldm_s'] / 60:.1f} min "
+          f"(target >= {100 * TARGETS['prompt_following']:.0f}% in <= {TARGETS['ldm_minutes']} min)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
