@@ -1,7 +1,8 @@
 """Training against the clock (chapter 06, issue 17): which recipe reaches a good text-to-image model (or VAE) in the
 fewest wall-clock seconds on this machine?
 
-Each recipe is the default recipe with a few settings changed (RECIPES below: one lever each, and combinations). All
+Each recipe is the default recipe with a few settings changed (RECIPES below: one lever each, and combinations; an LDM
+recipe's "models" entry changes the networks instead, as model_configs' arguments: --channels, --attention). All
 recipes train in this one process, taking turns of a few seconds, so that a change in the machine's load hits them
 alike, each for --budget seconds of its own training time. Every run sizes its learning-rate schedule to the budget
 (after two pilot steps, `steps` is what the budget allows: latent_vs_pixel.sized_schedule), so each one finishes its
@@ -72,6 +73,11 @@ RECIPES = {
                                "batch_size": 64},
         "batch_256_lr2e-3": {**BEFORE_17, "batch_size": 256, "lr": 2e-3},
         "compile": {"compile": True},
+        # not measured yet: levers on top of today's default; "models" holds model_configs() arguments
+        "default_lognormal": {"t_sampling": "lognormal"},
+        "default_ema_0.99": {"ema_decay": 0.99},
+        "channels_24_48": {"models": {"channels": "24,48"}},
+        "attention_4x4_only": {"models": {"attention": "0,1"}},
     },
     "vae": {
         "default": {},
@@ -88,8 +94,10 @@ def build(kind: str, changes: dict, folder: Path, device: torch.device, prepared
     """(a fresh trainer for one recipe with its data prepared, the earlier trainer whose data it shares or None).
     An LDM recipe whose data settings match an earlier recipe's shares that recipe's prepared data."""
     if kind == "ldm":
-        cfg = LDMTrainConfig(**{"sample_every": 0, "save_every": 10**9, **changes})
-        trainer = LDMTrainer(cfg, folder, model_configs(cfg.space), progress=False, device=device)
+        settings = {key: value for key, value in changes.items() if key != "models"}
+        cfg = LDMTrainConfig(**{"sample_every": 0, "save_every": 10**9, **settings})
+        models = model_configs(cfg.space, **changes.get("models", {}))
+        trainer = LDMTrainer(cfg, folder, models, progress=False, device=device)
         same = next((other for other in prepared if data_settings(other.cfg) == data_settings(cfg)), None)
         trainer.prepare(data_from=same)
         return trainer, same
