@@ -32,9 +32,9 @@ def tiny_config(**changes) -> LDMTrainConfig:
     return LDMTrainConfig(**{**values, **changes})
 
 
-def trainer(tmp_path, name="run", resume=False, **changes) -> LDMTrainer:
+def trainer(tmp_path, name="run", resume=False, models: dict = TINY, **changes) -> LDMTrainer:
     cfg = tiny_config(**changes)
-    return LDMTrainer(cfg, tmp_path / name, model_configs(cfg.space, **TINY), resume=resume, progress=False)
+    return LDMTrainer(cfg, tmp_path / name, model_configs(cfg.space, **models), resume=resume, progress=False)
 
 
 def weights(folder) -> dict:
@@ -387,14 +387,11 @@ def test_the_trainer_draws_timesteps_from_the_configured_sampling(tmp_path):
 
 @pytest.mark.slow
 def test_a_compiled_denoiser_trains_as_the_eager_one(tmp_path):
-    # one U-Net level (with its self- and cross-attention, the mid block and the text encoder): every kind of module
-    # is compiled, in 170 s of inductor's cold compile on the 2-core CPU instead of 272 s for TINY's two levels
-    def one_level(name, **changes):
-        cfg = tiny_config(steps=2, **changes)
-        models = model_configs(cfg.space, **{**TINY, "channels": "16", "attention": "1"})
-        return LDMTrainer(cfg, tmp_path / name, models, progress=False)
-
-    eager, compiled = one_level("eager"), one_level("compiled", compile=True)
+    # attention at the lower level only: every kind of module still compiles (resampling, self- and cross-attention,
+    # the mid block, the text encoder) in 196 s of inductor's cold compile on the 2-core CPU instead of 272 s
+    models = {**TINY, "attention": "0,1"}
+    eager = trainer(tmp_path, "eager", steps=2, models=models)
+    compiled = trainer(tmp_path, "compiled", steps=2, compile=True, models=models)
     first = [eager.train_step()["loss"].item(), compiled.train_step()["loss"].item()]
     assert first[1] == pytest.approx(first[0], rel=1e-4)
     second = [eager.train_step()["loss"].item(), compiled.train_step()["loss"].item()]
