@@ -40,37 +40,62 @@ TARGETS = {"total_minutes": 25, "vae_psnr_db": QUALITY_TARGETS["vae"], "vae_minu
 VAE_STAGES, LDM_STAGES = ("vae_data", "vae", "vae_finish"), ("ldm_data", "ldm")
 
 
-def run_demo(out: Path) -> float:
-    """Wall seconds of `minildm demo --train --out out`, from start to exit."""
+def timed_minildm(*args: str) -> float:
+    """Wall seconds of `python -m minildm ARGS` in a child process, from start to exit (as a student runs it)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "minildm", "demo", "--train", "--out", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "minildm", *args], check=True)
     return time.perf_counter() - start
+
+
+def prompt_following(pipeline: Path, eval_images: int) -> dict:
+    """An exported pipeline's prompt-following on `eval_images` held-out captions, with its own guidance scale and
+    25 DDIM steps, read by the shipped judge: the share with all four words right, and each word's."""
+    pipe = LatentDiffusion.from_folder(pipeline)
+    quality = evaluate_pipeline(pipe, load_judge("shapes64"), eval_images, steps=25)
+    return {"prompt_following": quality["prompt_following"]["all"], "words": quality["prompt_following"],
+            "guidance_scale": quality["guidance_scale"], "sampler": quality["sampler"], "eval_images": eval_images}
+
+
+def following_line(record: dict) -> str:
+    """prompt_following's figures in words, against the target."""
+    words = ", ".join(f"{word} {100 * share:.1f}%" for word, share in record["words"].items() if word != "all")
+    return (f"{100 * record['prompt_following']:.1f}% prompt-following ({words}) on {record['eval_images']} held-out "
+            f"captions, guidance {record['guidance_scale']:g}, {record['sampler']} 25 steps (target >= "
+            f"{100 * TARGETS['prompt_following']:.0f}% in <= {TARGETS['ldm_minutes']} min)")
 
 
 def scores(out: Path, eval_images: int) -> dict:
     """The trained VAE's held-out PSNR (as its trainer measured it) and the exported pipeline's prompt-following."""
     psnr = json.loads((out / "vae" / "training.json").read_text())["heldout_psnr"]
-    pipe = LatentDiffusion.from_folder(out / "pipeline")
-    quality = evaluate_pipeline(pipe, load_judge("shapes64"), eval_images, steps=25)
-    return {"vae_psnr_db": psnr, "prompt_following": quality["prompt_following"]["all"],
-            "guidance_scale": quality["guidance_scale"], "sampler": quality["sampler"], "eval_images": eval_images}
+    return {"vae_psnr_db": psnr, **prompt_following(out / "pipeline", eval_images)}
+
+
+def refuse_non_empty(out: Path, what: str) -> None:
+    """A run in a non-empty OUT would resume (or refuse to start), so its wall clock would not be a from-scratch one."""
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: {what} there would not start from scratch; give a new --out (or "
+                         f"--score-only to score what is there)")
+
+
+def arguments(doc: str, out: str, score_only: str) -> argparse.ArgumentParser:
+    """The options this script and ldm_defaults share: --out, --eval-images, --score-only, --json."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", required=True, help=out)
+    p.add_argument("--eval-images", type=int, default=500)
+    p.add_argument("--score-only", action="store_true", help=score_only)
+    p.add_argument("--json", help="also write every figure here")
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="an empty (or new) folder for the demo's runs and figures")
-    p.add_argument("--eval-images", type=int, default=500)
-    p.add_argument("--score-only", action="store_true", help="score the runs already in --out; train nothing")
-    p.add_argument("--json", help="also write every figure here")
-    args = p.parse_args(argv)
+    args = arguments(__doc__, "an empty (or new) folder for the demo's runs and figures",
+                     "score the runs already in --out; train nothing").parse_args(argv)
     out = Path(args.out)
     if args.score_only:
         wall_s = None
-    elif out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} is not empty: a --train run there would be resumed, not timed from scratch; give a "
-                         f"new --out (or --score-only to score what is there)")
     else:
-        wall_s = run_demo(out)
+        refuse_non_empty(out, "a --train run")
+        wall_s = timed_minildm("demo", "--train", "--out", str(out))
     stages = json.loads((out / "train-stages.json").read_text())
     here = stages["stage_seconds_here"]
     record = {"command": "minildm demo --train", "wall_s": wall_s, "torch_threads": stages["torch_threads"],
@@ -84,9 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nwhole command: {total} (target <= {TARGETS['total_minutes']} min)")
     print(f"VAE: {record['vae_psnr_db']:.2f} dB held-out PSNR after {record['vae_s'] / 60:.1f} min "
           f"(target >= {TARGETS['vae_psnr_db']} dB in <= {TARGETS['vae_minutes']} min)")
-    print(f"LDM: {100 * record['prompt_following']:.1f}% prompt-following ({args.eval_images} held-out captions, "
-          f"guidance {record['guidance_scale']}, {record['sampler']} 25 steps) after {record['ldm_s'] / 60:.1f} min "
-          f"(target >= {100 * TARGETS['prompt_following']:.0f}% in <= {TARGETS['ldm_minutes']} min)")
+    print(f"LDM, after {record['ldm_s'] / 60:.1f} min: {following_line(record)}")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return record
