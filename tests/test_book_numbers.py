@@ -86,3 +86,28 @@ def test_recording_writes_only_when_asked_and_the_figure_is_a_small_png(tmp_path
 def test_bad_names_are_one_line_errors(tmp_path, call, says):
     with pytest.raises(ValueError, match=says):
         call(record.Record("42", tmp_path))
+
+
+def test_figures_cells_keeps_the_named_cells_in_the_notebooks_order_and_names_an_unknown_one():
+    import nbformat
+
+    from minildm.book.__main__ import only_cells
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(f"x = {i}", id=f"c{i}") for i in range(4)]
+    notebook.cells.insert(1, nbformat.v4.new_markdown_cell("words", id="m"))
+    kept = only_cells(notebook, ["c3", "c0", "m"])
+    assert [cell.id for cell in kept.cells] == ["c0", "m", "c3"]
+    with pytest.raises(ValueError, match="no cell with id c9; the code cells are c0, c3"):
+        only_cells(kept, ["c9"])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["figures", "--cells", "cell-01"], "--cells needs exactly one chapter"),
+    (["figures", "06", "--cells", "no-such-cell"], "06-training.ipynb: no cell with id no-such-cell"),
+])
+def test_figures_cells_refuses_what_it_cannot_run_before_starting_a_kernel(argv, says, capsys):
+    from minildm.book.__main__ import main
+
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 `python -m minildm.book figures [NN ...]` runs the notebooks (all, or chapters NN) top to bottom with recording on,
 so that they write the chapters' figures and numbers (record.py), then checks the chapters against them;
-`python -m minildm.book check` only checks.
+`--cells ID,ID` runs only those cells of the one chosen notebook, in the notebook's order (to record what reads a new
+benchmark result without re-timing the live cells on a machine that is busy today); `python -m minildm.book check`
+only checks.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--strict", action="store_true", help="fail on any warning of the generator")
     figures = sub.add_parser("figures", help="run the notebooks to record the chapters' figures and numbers")
     figures.add_argument("chapters", nargs="*", help="two-digit chapter numbers (default: every notebook)")
+    figures.add_argument("--cells", type=lambda text: text.split(","), default=None,
+                         help="only these cells (their ids, comma-separated) of the one chosen notebook; include the "
+                              "cells whose names they use")
     sub.add_parser("check", help="check the chapters' marked numbers and figure links against the records")
     args = parser.parse_args(argv)
     if args.command == "figures":
-        return run_notebooks(args.chapters)
+        return run_notebooks(args.chapters, args.cells)
     if args.command == "check":
         return report_check()
     try:
@@ -57,8 +62,19 @@ def report_check() -> int:
     return 1 if problems else 0
 
 
-def run_notebooks(chapters: list[str]) -> int:
-    """Execute the chosen notebooks in the repository root with MINILDM_BOOK_RECORD=1, one after another."""
+def only_cells(notebook, ids: list[str]):
+    """`notebook` keeping only the cells with these ids, in its own order; an id it lacks is an error."""
+    unknown = [i for i in ids if i not in {cell.get("id") for cell in notebook.cells}]
+    if unknown:
+        raise ValueError(f"no cell with id {', '.join(unknown)}; the code cells are "
+                         + ", ".join(cell.get("id") for cell in notebook.cells if cell.cell_type == "code"))
+    notebook.cells = [cell for cell in notebook.cells if cell.get("id") in ids]
+    return notebook
+
+
+def run_notebooks(chapters: list[str], cells: list[str] | None = None) -> int:
+    """Execute the chosen notebooks in the repository root with MINILDM_BOOK_RECORD=1, one after another (of the one
+    chosen notebook, only `cells` when given)."""
     import time
 
     import nbclient
@@ -74,11 +90,21 @@ def run_notebooks(chapters: list[str]) -> int:
         print(f"python -m minildm.book figures: error: no notebook for chapter(s) {', '.join(unknown) or chapters}; "
               f"the notebooks are {', '.join(p.name[:2] for p in notebooks)}", file=sys.stderr)
         return 2
+    if cells and len(chosen) != 1:
+        print("python -m minildm.book figures: error: --cells needs exactly one chapter (figures 06 --cells ...)",
+              file=sys.stderr)
+        return 2
     env = dict(os.environ, **{RECORD_ENV: "1"},
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     for path in chosen:
         start = time.time()
         notebook = nbformat.read(path, as_version=4)                # executed in memory: the file stays clean
+        if cells:
+            try:
+                notebook = only_cells(notebook, cells)
+            except ValueError as err:
+                print(f"python -m minildm.book figures: error: {path.name}: {err}", file=sys.stderr)
+                return 2
         client = nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
                                          resources={"metadata": {"path": str(REPO_ROOT)}})
         try:
