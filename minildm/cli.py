@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--log-every", dest="log_every", type=POSITIVE,
                     help="record the mean loss every N steps (default 25)")
     tl.add_argument("--channels", type=CHANNELS, help="U-Net block_out_channels (default 32,64: the shipped model's)")
-    tl.add_argument("--attention", type=LEVEL_FLAGS, help="which levels attend, e.g. 1,1 (default: all)")
+    tl.add_argument("--attention", type=LEVEL_FLAGS,
+                    help="which levels attend, e.g. 1,1 (default: the deepest only, 0,1; the shipped model: 1,1)")
     tl.add_argument("--heads", type=POSITIVE, default=4)
     tl.add_argument("--layers-per-block", dest="layers_per_block", type=POSITIVE, default=1)
     tl.add_argument("--norm-groups", dest="norm_num_groups", type=POSITIVE, default=8)

@@ -48,10 +48,11 @@ LDM_MODELS: dict = {}                               # model_configs() arguments;
 # What each stage of --train takes on the reference machine (this project's 2-core CPU on a quiet day, torch's
 # default threads), from the records of the stages run alone: the VAE's 400 s from start to exit, 387 s of them
 # training (benchmarks/results/train-vae-defaults.json; the other 13 s split between drawing its data and measuring
-# it by guess: the record does not clock them apart), the LDM's data preparation (49 s) and its 164 ms a step at
-# batch 64 x 5,000 steps (train_speed-ldm.json); the figures about a minute. The overall bar counts in these
-# seconds, so its ETA is what is left at the pace this machine has kept so far.
-STAGE_SECONDS = {"vae_data": 4.0, "vae": 387.0, "vae_finish": 9.0, "ldm_data": 49.0, "ldm": 820.0, "figures": 60.0}
+# it by guess: the record does not clock them apart), the LDM's data preparation (49 s, train_speed-ldm.json) and its
+# 7,000 steps of 64 in 859 s (benchmarks/results/ldm-defaults.json: 123 ms a step, its 7 sample grids included); the
+# figures about a minute. The overall bar counts in these seconds, so its ETA is what is left at the pace this machine
+# has kept so far.
+STAGE_SECONDS = {"vae_data": 4.0, "vae": 387.0, "vae_finish": 9.0, "ldm_data": 49.0, "ldm": 859.0, "figures": 60.0}
 SHIPPED_SAMPLING = {"guidance_scale": 4.0, "steps": 25}      # the shipped pipeline.json's defaults
 
 
