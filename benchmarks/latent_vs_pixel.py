@@ -3,9 +3,10 @@
 
 The rows, each one Denoiser (U-Net + text encoder) built by `ldm_recipe.model_configs`:
 
-- latent: the shipped LDM's recipe, `model_configs("latent", attention="1,1")`: levels of (32, 64) channels,
-  attention at both (8x8 and 4x4 tokens), 4 channels in and out.
-- pixel, same recipe: `model_configs("pixel", attention="1,1")`, identical but for 3 channels in and out. Its level-0
+- latent: the shipped LDM's recipe, `model_configs("latent", channels="32,64", attention="1,1")`: levels of (32, 64)
+  channels, attention at both (8x8 and 4x4 tokens), 4 channels in and out.
+- pixel, same recipe: `model_configs("pixel", channels="32,64", attention="1,1")`, identical but for 3 channels in and
+  out. Its level-0
   attention runs over 64 x 64 = 4,096 tokens, which is much of why pixel space is expensive.
 - pixel, deeper: what a pixel-space model would really use: (32, 64, 64, 64, 64), each level but the last
   halving the side (64 -> 32 -> 16 -> 8 -> 4), attention only at the two lowest levels (8x8 and 4x4), so its lowest
@@ -97,7 +98,8 @@ WARMUP_BATCH = 2
 TURN_S = 5.0                           # --quality: seconds each run trains before the other takes its turn
 PILOT_STEPS = 2                        # --quality: steps timed before the schedule is sized to the budget
 DEEPER = ("32,64,64,64,64", "0,0,0,1,1")
-SHIPPED_ATTENTION = "1,1"              # the shipped LDM attends at both levels (train-ldm's default now: 0,1)
+# the shipped LDM's U-Net: channels 32, 64, attention at both levels (train-ldm's default now: 24,48 and 0,1)
+SHIPPED_NETWORK = {"channels": "32,64", "attention": "1,1"}
 FOLDERS = {"latent": "latent", "pixel (same recipe)": "pixel-same", "pixel (deeper)": "pixel-deeper"}   # --out
 
 
@@ -105,9 +107,9 @@ FOLDERS = {"latent": "latent", "pixel (same recipe)": "pixel-same", "pixel (deep
 
 def recipes(pixel_recipe: str) -> dict[str, tuple[str, ModelConfigs]]:
     """{row name: (space, model configs)}: the latent recipe first, then the pixel row(s) measured against it."""
-    rows = {"latent": ("latent", model_configs("latent", attention=SHIPPED_ATTENTION))}
+    rows = {"latent": ("latent", model_configs("latent", **SHIPPED_NETWORK))}
     if pixel_recipe in ("same", "both"):
-        rows["pixel (same recipe)"] = ("pixel", model_configs("pixel", attention=SHIPPED_ATTENTION))
+        rows["pixel (same recipe)"] = ("pixel", model_configs("pixel", **SHIPPED_NETWORK))
     if pixel_recipe in ("deeper", "both"):
         rows["pixel (deeper)"] = ("pixel", model_configs("pixel", *DEEPER))
     return rows

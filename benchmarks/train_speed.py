@@ -54,14 +54,16 @@ from minildm.train_vae import VAETrainConfig, VAETrainer, evaluate_psnr, held_ou
 
 # name -> the settings that differ from the default config (LDMTrainConfig or VAETrainConfig). The LDM's levers
 # were measured against train-ldm's defaults before issue 17 (BEFORE_17), so each recipe spells them out; the
-# defaults then became the second run's winner, min_snr_batch_64_lr2e-3, with attention at both levels (the records
-# made before the U-Net's default changed to attention at 4x4 only call that "default": default_before_attention).
-ATTENTION_BOTH = {"models": {"attention": "1,1"}}
-BEFORE_17 = {"t_sampling": "uniform", "batch_size": 128, "lr": 1e-3, **ATTENTION_BOTH}
+# defaults then became the second run's winner, min_snr_batch_64_lr2e-3, on the shipped model's U-Net (channels
+# 32, 64, attention at both levels; the records made before the U-Net's default changed call that "default":
+# default_before_attention), then attention at 4x4 only (default_before_channels), then channels 24, 48 too.
+SHIPPED_NETWORK = {"models": {"channels": "32,64", "attention": "1,1"}}
+BEFORE_17 = {"t_sampling": "uniform", "batch_size": 128, "lr": 1e-3, **SHIPPED_NETWORK}
 RECIPES = {
     "ldm": {
         "default": {},
-        "default_before_attention": ATTENTION_BOTH,
+        "default_before_attention": SHIPPED_NETWORK,
+        "default_before_channels": {"models": {"channels": "32,64"}},
         "default_before_17": BEFORE_17,
         "min_snr": {**BEFORE_17, "t_sampling": "min_snr"},
         "lognormal": {**BEFORE_17, "t_sampling": "lognormal"},
@@ -75,12 +77,11 @@ RECIPES = {
         "v_min_snr_batch_64": {**BEFORE_17, "prediction_type": "v_prediction", "t_sampling": "min_snr",
                                "batch_size": 64},
         "batch_256_lr2e-3": {**BEFORE_17, "batch_size": 256, "lr": 2e-3},
-        "compile": {"compile": True, **ATTENTION_BOTH},
+        "compile": {"compile": True, **SHIPPED_NETWORK},
         # levers on today's defaults, not measured yet on them; "models" holds model_configs() arguments. (The
-        # records' attention_4x4_only, {"models": {"attention": "0,1"}} on default_before_attention, is the default.)
+        # records' attention_4x4_only and channels_24_48 are in today's default network.)
         "default_lognormal": {"t_sampling": "lognormal"},
         "default_ema_0.99": {"ema_decay": 0.99},
-        "channels_24_48": {"models": {"channels": "24,48"}},
     },
     "vae": {
         "default": {},

@@ -597,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write a sample grid every N steps (0: never)")
     tl.add_argument("--log-every", dest="log_every", type=POSITIVE,
                     help="record the mean loss every N steps (default 25)")
-    tl.add_argument("--channels", type=CHANNELS, help="U-Net block_out_channels (default 32,64: the shipped model's)")
+    tl.add_argument("--channels", type=CHANNELS,
+                    help="U-Net block_out_channels (default 24,48; the shipped model: 32,64)")
     tl.add_argument("--attention", type=LEVEL_FLAGS,
                     help="which levels attend, e.g. 1,1 (default: the deepest only, 0,1; the shipped model: 1,1)")
     tl.add_argument("--heads", type=POSITIVE, default=4)

@@ -49,10 +49,10 @@ LDM_MODELS: dict = {}                               # model_configs() arguments;
 # default threads), from the records of the stages run alone: the VAE's 400 s from start to exit, 387 s of them
 # training (benchmarks/results/train-vae-defaults.json; the other 13 s split between drawing its data and measuring
 # it by guess: the record does not clock them apart), the LDM's data preparation (49 s, train_speed-ldm.json) and its
-# 7,000 steps of 64 in 859 s (benchmarks/results/ldm-defaults.json: 123 ms a step, its 7 sample grids included); the
+# 7,000 steps of 64 in 798 s (benchmarks/results/ldm-defaults.json: 114 ms a step, its 7 sample grids included); the
 # figures about a minute. The overall bar counts in these seconds, so its ETA is what is left at the pace this machine
 # has kept so far.
-STAGE_SECONDS = {"vae_data": 4.0, "vae": 387.0, "vae_finish": 9.0, "ldm_data": 49.0, "ldm": 859.0, "figures": 60.0}
+STAGE_SECONDS = {"vae_data": 4.0, "vae": 387.0, "vae_finish": 9.0, "ldm_data": 49.0, "ldm": 798.0, "figures": 60.0}
 SHIPPED_SAMPLING = {"guidance_scale": 4.0, "steps": 25}      # the shipped pipeline.json's defaults
 
 
