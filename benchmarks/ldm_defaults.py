@@ -11,7 +11,8 @@ Unlike train_speed's runs, which stop when a budget of seconds is spent, this on
 steps, so its score does not depend on the machine's speed (its seconds do).
 
     python benchmarks/ldm_defaults.py --out runs/ldm-defaults --json benchmarks/results/ldm-defaults.json
-    python benchmarks/ldm_defaults.py --out runs/ldm-before --change "--attention 1,1 --steps 5000"   # the old defaults
+    # the defaults before issue 17's last two changes (the shipped network, 5,000 steps):
+    python benchmarks/ldm_defaults.py --out runs/ldm-before --change "--channels 32,64 --attention 1,1 --steps 5000"
 """
 
 from __future__ import annotations
