@@ -5,7 +5,9 @@ the one command, run to its end, then the pipeline it exported scored.
    exit (drawing the Shapes data and caching the shipped VAE's latents included), with every training setting at its
    default; the export's sampling defaults are the shipped pipeline's (guidance 4, 25 DDIM steps), as the demo's.
 2. The exported pipeline: prompt-following on --eval-images held-out captions (seed 2024, never trained on), read by
-   the shipped judge (from_scratch.prompt_following, as train_speed and from_scratch score).
+   the shipped judge (from_scratch.prompt_following, as train_speed and from_scratch score); and the same judge on
+   the VAE's own round trips of those images, beside the VAE's held-out PSNR (from_scratch.vae_scores: the most its
+   samples could be read as).
 
 Unlike train_speed's runs, which stop when a budget of seconds is spent, this one trains the defaults' full number of
 steps, so its score does not depend on the machine's speed (its seconds do).
@@ -21,7 +23,16 @@ import json
 from pathlib import Path
 
 # benchmarks/from_scratch.py: this folder is sys.path[0] when the script runs
-from from_scratch import TARGETS, arguments, following_line, prompt_following, refuse_non_empty, timed_minildm
+from from_scratch import (
+    TARGETS,
+    arguments,
+    following_line,
+    prompt_following,
+    refuse_non_empty,
+    round_trip_line,
+    timed_minildm,
+    vae_scores,
+)
 
 from minildm.demo import SHIPPED_SAMPLING
 
@@ -50,12 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
               "recipe": {key: recipe.get(key) for key in ("batch_size", "lr", "t_sampling", "prediction_type",
                                                       "ema_decay", "warmup_steps", "num_train_images")},
               "unet": {key: unet[key] for key in ("block_out_channels", "attention_levels", "layers_per_block")},
-              "final_loss": trained["final_loss"], **prompt_following(out / "pipeline", args.eval_images),
+              "final_loss": trained["final_loss"], "vae": recipe["vae"],
+              **vae_scores(recipe["vae"], args.eval_images),
+              **prompt_following(out / "pipeline", args.eval_images),
               "targets": {key: TARGETS[key] for key in ("prompt_following", "ldm_minutes")}}
     total = "not timed (--score-only)" if wall_s is None else f"{wall_s / 60:.1f} min from start to exit"
     print(f"\n{record['command']}\n{record['steps']:,} steps of {recipe['batch_size']} in {record['train_s']:.0f} s of "
           f"training ({record['ms_per_step']:.0f} ms a step, torch threads: {record['torch_threads']}); {total}")
     print(following_line(record))
+    print(round_trip_line(record))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return record

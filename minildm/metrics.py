@@ -55,6 +55,23 @@ def judge_accuracy(judge: Judge, images: Tensor, factors: Sequence[dict]) -> dic
     return {k: sum(r[k] == t[k] for r, t in zip(read, truth)) / max(len(truth), 1) for k in FACTORS}
 
 
+def reconstruction_accuracy(vae, judge: Judge, count: int = 500, seed: int = EVAL_SEED,
+                            batch: int = 100) -> dict[str, float]:
+    """judge_accuracy on a VAE's round trips, decode(mean of encode(x)), of `count` held-out images: what a diffusion
+    model on its latents could at best be read as, if it made the encoder's own latents. Near the real images'
+    accuracy means the decoder keeps every factor; a diffusion model that scores far lower lost it, not the decoder."""
+    data = ShapesDataset(count, seed=seed)
+    images, factors = data.images(0, count), [data.factors(i) for i in range(count)]
+    weights = next(vae.parameters())
+    vae.eval()
+    with torch.no_grad():
+        # x_hat = D(mu(x)), clamped to the pixel range as a sampler's output is
+        round_trips = torch.cat([vae.reconstruct(images[i:i + batch].to(weights.device, weights.dtype))
+                                 .float().clamp(-1, 1).cpu()
+                                 for i in range(0, count, batch)])                        # (count, 3, H, W)
+    return judge_accuracy(judge, round_trips, factors)
+
+
 def read_attributes(judge: Judge, images: Tensor) -> list[dict[str, str]]:
     """The words the judge reads in each image: kind, colour, size, position, background."""
     return read_words(judge, images)

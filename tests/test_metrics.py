@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
 from minildm.data import (
     BACKGROUNDS,
     EVAL_SEED,
@@ -30,8 +31,9 @@ from minildm.metrics import (
     prompt_attributes,
     prompt_following,
     read_attributes,
+    reconstruction_accuracy,
 )
-from minildm.pretrained import JUDGES, load_judge
+from minildm.pretrained import JUDGES, load_judge, load_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,6 +174,20 @@ def test_prompt_following_is_high_with_own_captions_and_low_with_shuffled_ones(j
     assert min(own[k] for k in ("kind", "colour", "size", "position")) >= 0.98 and own["all"] >= 0.97, own
     shuffled = captions[1:] + captions[:1]
     assert prompt_following(judge, images, shuffled)["all"] < 0.1
+
+
+def test_the_shipped_vaes_round_trips_keep_every_factor_and_an_untrained_vaes_do_not(judge):
+    # reconstruction_accuracy separates a decoder that loses a factor from a diffusion model that never made it
+    trained = reconstruction_accuracy(load_vae("shapes64"), judge, count=200, seed=FRESH_SEED)
+    data = ShapesDataset(200, seed=FRESH_SEED)
+    real = judge_accuracy(judge, data.images(0, 200), [data.factors(i) for i in range(200)])
+    assert set(trained) == set(FACTORS)
+    # each factor read within 3 points of how well the judge reads the same real images
+    assert all(trained[k] >= real[k] - 0.03 for k in FACTORS), (trained, real)
+    torch.manual_seed(0)
+    untrained = reconstruction_accuracy(AutoencoderKL(AutoencoderConfig.shapes64()), judge, count=200,
+                                        seed=FRESH_SEED)
+    assert untrained["kind"] < 0.5 and untrained["colour"] < 0.5, untrained
 
 
 def test_judge_features_and_reading_have_the_documented_shapes(judge, fresh):
