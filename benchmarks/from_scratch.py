@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"command": "minildm demo --train", "wall_s": wall_s, "torch_threads": stages["torch_threads"],
               "stage_seconds_here": here, "stage_seconds_reference": STAGE_SECONDS,
               "vae_s": sum(here.get(s, 0.0) for s in VAE_STAGES), "ldm_s": sum(here.get(s, 0.0) for s in LDM_STAGES),
+              "final_loss": json.loads((out / "pipeline" / "training.json").read_text())["final_loss"],
               **scores(out, args.eval_images), "targets": TARGETS}
     print("\n| stage | reference (s) | here (s) |\n|---|---:|---:|")
     for stage, reference in STAGE_SECONDS.items():
