@@ -34,7 +34,7 @@ from train_speed import TARGETS as QUALITY_TARGETS
 from minildm.demo import STAGE_SECONDS
 from minildm.metrics import evaluate_pipeline, reconstruction_accuracy
 from minildm.pipeline import LatentDiffusion
-from minildm.pretrained import VAES, load_judge, load_vae_folder, vae_folder
+from minildm.pretrained import load_judge, load_vae_folder, vae_folder_or_name
 
 TARGETS = {"total_minutes": 25, "vae_psnr_db": QUALITY_TARGETS["vae"], "vae_minutes": 8,
            "prompt_following": QUALITY_TARGETS["ldm"], "ldm_minutes": 15}
@@ -69,7 +69,7 @@ def vae_scores(vae: Path | str, eval_images: int) -> dict:
     """A VAE folder's (or a shipped VAE's name's) held-out PSNR, as its trainer measured it at the end, and the shipped
     judge on its own round trips of the held-out images: what the LDM's samples could at best be read as. Near the
     real images' reading, a low prompt-following is the diffusion model's, not the decoder's."""
-    folder = vae_folder(str(vae)) if str(vae) in VAES else Path(vae)
+    folder = vae_folder_or_name(vae)
     psnr = json.loads((folder / "training.json").read_text())["heldout_psnr"]
     words = reconstruction_accuracy(load_vae_folder(folder), load_judge("shapes64"), eval_images)
     return {"vae_psnr_db": psnr, "vae_round_trip_words": words}

@@ -22,6 +22,11 @@ def vae_folder(name: str) -> Path:
     return asset_folder(name, VAES, "VAE")
 
 
+def vae_folder_or_name(vae: str | Path) -> Path:
+    """--vae's folder: `vae` itself when it is a folder, else the shipped VAE of that name."""
+    return Path(vae) if Path(vae).is_dir() else vae_folder(str(vae))
+
+
 def asset_folder(name: str, shipped: dict[str, Path], what: str) -> Path:
     if name not in shipped and ("/" in name or os.sep in name):
         raise FileNotFoundError(f"{name}: no such {what} folder; give a folder holding config.json and "

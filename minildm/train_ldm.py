@@ -52,7 +52,7 @@ from minildm.latent_cache import LATENT_CACHE, cache_identity, load_or_encode
 from minildm.ldm_recipe import Denoiser, LDMTrainConfig, ModelConfigs, autocast_dtype, check_parts_fit
 from minildm.pipeline import LatentDiffusion
 from minildm.pixel_space import PixelSpace
-from minildm.pretrained import load_vae_folder, vae_folder
+from minildm.pretrained import load_vae_folder, vae_folder_or_name
 from minildm.saving import read_json, write_folder_atomically
 from minildm.schedule import NoiseSchedule
 from minildm.text import Tokenizer
@@ -135,8 +135,7 @@ class LDMTrainer:
         self.unread: list[Tensor] = []            # (loss, grad norm) of each step since the last record, on the device
 
     def vae_path(self) -> Path:
-        vae = self.cfg.vae
-        return Path(vae) if Path(vae).is_dir() else vae_folder(vae)
+        return vae_folder_or_name(self.cfg.vae)
 
     # ----------------------------------------------------------------------------------------------- data
 

@@ -9,7 +9,7 @@ import torch
 
 from minildm.autoencoder import latent_shape, swap_decoder
 from minildm.data import ShapesDataset
-from minildm.pretrained import VAES, load_vae, vae_folder
+from minildm.pretrained import VAES, load_vae, vae_folder, vae_folder_or_name
 from minildm.train_vae import evaluate_psnr
 
 FRESH_SEED = 31337  # neither the training seed (0) nor the seed the training summary evaluated on (2024)
@@ -71,3 +71,11 @@ def test_the_shapes64_preset_is_the_shipped_architecture():
     shipped, preset = load_vae("shapes64", device="cpu").config.to_dict(), AutoencoderConfig.shapes64().to_dict()
     for key in ("block_out_channels", "layers_per_block", "norm_num_groups", "latent_channels", "mid_block_attention"):
         assert shipped[key] == preset[key], f"{key}: shipped {shipped[key]} vs shapes64() {preset[key]}"
+
+
+def test_vae_folder_or_name_takes_a_folder_first_then_a_shipped_name(tmp_path):
+    # --vae (train-ldm, the benchmarks' scoring): a folder is used as given; anything else must be a shipped name
+    assert vae_folder_or_name(tmp_path) == tmp_path
+    assert vae_folder_or_name("shapes64") == vae_folder("shapes64")
+    with pytest.raises(ValueError, match="no shipped VAE called 'nope'"):
+        vae_folder_or_name("nope")
