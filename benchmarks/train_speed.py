@@ -87,6 +87,7 @@ RECIPES = {
         "default": {},
         "lr_1.5e-3": {"lr": 1.5e-3},                                     # the default until issue 17's run
         "batch_32": {"batch_size": 32},
+        "scale_equivariance": {"scale_equivariance": 1.0},                # chapter 06, "Which VAE's latents"
     },
 }
 TARGETS = {"ldm": 0.90, "vae": 28.0}

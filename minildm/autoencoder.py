@@ -431,6 +431,23 @@ def vae_loss(x_hat: Tensor, x: Tensor, posterior: DiagonalGaussian, kl_weight: f
     return loss, {"rec": rec, "kl": kl}
 
 
+def check_halvable_latent(height: int, width: int) -> None:
+    """The scale-equivariance loss pools the latent 2x: both its sides must be even."""
+    if height % 2 or width % 2:
+        raise ValueError(f"the scale-equivariance loss halves the latent, which is {height}x{width} here; use an "
+                         "image size whose latent is even on both sides (a multiple of 16 for the f = 8 VAEs)")
+
+
+def scale_equivariance_loss(vae: "AutoencoderKL", z: Tensor, x: Tensor, kind: str = "l1") -> Tensor:
+    """The decoder asked to commute with 2x downsampling (Skorokhodov et al. 2025, "Improving the Diffusability of
+    Autoencoders"): the latent z (B, C, h, w), average-pooled to (B, C, h/2, w/2), must decode to x average-pooled
+    to (B, 3, H/2, W/2). A latent whose coarse version still means the coarse image has less high-frequency detail
+    for a diffusion model to learn. Returns the mean over the batch of the per-image reconstruction loss."""
+    check_halvable_latent(z.shape[-2], z.shape[-1])
+    # L_SE = rec(D(pool_2(z)), pool_2(x))
+    return reconstruction_loss(vae.decode(F.avg_pool2d(z, 2)), F.avg_pool2d(x, 2), kind).mean()
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -448,11 +465,13 @@ __all__ = [
     "Decoder",
     "Encoder",
     "ResBlock",
+    "check_halvable_latent",
     "compression_ratio",
     "count_parameters",
     "latent_shape",
     "reconstruction_loss",
     "save_decoder_file",
+    "scale_equivariance_loss",
     "swap_decoder",
     "vae_loss",
 ]

@@ -545,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--lr", type=POSITIVE_REAL)
     tv.add_argument("--kl-weight", dest="kl_weight", type=NON_NEGATIVE_REAL)
     tv.add_argument("--recon-loss", dest="recon_loss", choices=["l1", "mse", "l1+mse"])
+    tv.add_argument("--scale-equivariance", dest="scale_equivariance", type=NON_NEGATIVE_REAL,
+                    help="weight of a loss asking the decoder to turn 2x-pooled latents into 2x-pooled images "
+                         "(Skorokhodov et al. 2025; default 0: off)")
     tv.add_argument("--gan", action="store_true", default=None, help="add the PatchGAN hinge loss (CompVis recipe)")
     tv.add_argument("--disc-start", dest="disc_start", type=NON_NEGATIVE)
     tv.add_argument("--disc-weight", dest="disc_weight", type=NON_NEGATIVE_REAL)

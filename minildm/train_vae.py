@@ -29,7 +29,10 @@ from minildm.autoencoder import (
     AutoencoderConfig,
     AutoencoderKL,
     DiagonalGaussian,
+    check_halvable_latent,
+    latent_shape,
     save_decoder_file,
+    scale_equivariance_loss,
     vae_loss,
 )
 from minildm.checkpoint import (
@@ -72,6 +75,7 @@ class VAETrainConfig:
     min_lr_fraction: float = 0.05        # cosine decay to 5% of lr
     kl_weight: float = 1e-6              # beta, as in SD's VAE
     recon_loss: str = "l1+mse"
+    scale_equivariance: float = 0.0      # weight of the decoder's loss on 2x-pooled latents (0: off; chapter 06)
     gan: bool = False
     disc_start: int = 2000
     disc_weight: float = 0.5
@@ -205,6 +209,8 @@ class VAETrainer:
             self.vae.quant_conv.requires_grad_(False)
         else:
             self.vae = AutoencoderKL(model_config or AutoencoderConfig.shapes64())
+        if cfg.scale_equivariance:  # refused before any data is drawn, not at the first step
+            check_halvable_latent(*latent_shape(cfg.image_size, cfg.image_size, self.vae.config)[1:])
         self.vae.to(self.device)  # before the optimizers exist, so their state is created (and resumed) on the device
         trainable = [p for p in self.vae.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.5, 0.9) if cfg.gan else (0.9, 0.999))
@@ -234,8 +240,13 @@ class VAETrainer:
             posterior = DiagonalGaussian(self.cached[index.to(self.device)])
         else:
             posterior = self.vae.encode(x)
-        x_hat = self.vae.decode(posterior.sample(step_generator(cfg.seed, step, 1)))
+        z = posterior.sample(step_generator(cfg.seed, step, 1))              # (B, C, h, w)
+        x_hat = self.vae.decode(z)
         loss, parts = vae_loss(x_hat, x, posterior, cfg.kl_weight, cfg.recon_loss)
+        if cfg.scale_equivariance:
+            parts["se"] = scale_equivariance_loss(self.vae, z, x, cfg.recon_loss)
+            # L = rec + beta * KL + lambda_SE * L_SE
+            loss = loss + cfg.scale_equivariance * parts["se"]
         if self.disc is not None and step >= cfg.disc_start:
             g_loss = generator_loss(self.disc(x_hat))
             weight = adaptive_weight(parts["rec"], g_loss, self.vae.decoder.conv_out.weight)

@@ -110,6 +110,7 @@ PARSE_ROWS = [Row(f"cli {' '.join(argv[:1] + argv[-2:])}", cli(*argv), 2, option
     (("train-ldm", *OUT, "--lr", "nan"), "--lr"),
     (("train-ldm", *OUT, "--lr", "inf"), "--lr"),
     (("train-vae", *OUT, "--kl-weight", "-1"), "--kl-weight"),
+    (("train-vae", *OUT, "--scale-equivariance", "-1"), "--scale-equivariance"),
     (("train-vae", *OUT, "--disc-weight", "-0.5"), "--disc-weight"),
     (("train-vae", *OUT, "--disc-start", "-1"), "--disc-start"),
     (("train-vae", *OUT, "--image-size", "0"), "--image-size"),

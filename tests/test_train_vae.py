@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_decoder_file, swap_decoder
+from minildm.autoencoder import (
+    AutoencoderConfig,
+    AutoencoderKL,
+    save_decoder_file,
+    scale_equivariance_loss,
+    swap_decoder,
+)
 from minildm.checkpoint import load_weights_into, read_config
 from minildm.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from minildm.train_vae import VAETrainConfig, VAETrainer, export_model, learning_rate, measure_scale_factor
@@ -302,3 +308,46 @@ def test_training_on_cuda_resumes_exactly(tmp_path):
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), f"{key} differs after a CUDA resume"
+
+
+def test_scale_equivariance_loss_is_the_reconstruction_of_the_pooled_latent_against_the_pooled_image():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY).eval()
+    z, x = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        got = scale_equivariance_loss(vae, z, x, "l1+mse")
+        # 2x average pooling written out: the mean of each 2x2 block
+        pooled_z = z.reshape(2, 4, 4, 2, 4, 2).mean(dim=(3, 5))             # (2, 4, 4, 4)
+        pooled_x = x.reshape(2, 3, 8, 2, 8, 2).mean(dim=(3, 5))             # (2, 3, 8, 8)
+        diff = vae.decode(pooled_z) - pooled_x
+        want = (diff.abs() + diff.pow(2)).sum(dim=(1, 2, 3)).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert got.item() > 0
+
+
+def test_a_decoder_that_commutes_with_pooling_pays_no_scale_equivariance_loss():
+    # a per-pixel linear "decoder" (a 1x1 conv) commutes with average pooling: D(pool z) = pool D(z) exactly
+    class PerPixelDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Conv2d(4, 3, 1)
+
+        def decode(self, z):
+            return self.mix(z)
+
+    torch.manual_seed(0)
+    decoder, z = PerPixelDecoder(), torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        assert scale_equivariance_loss(decoder, z, decoder.decode(z), "l1+mse").item() == pytest.approx(0, abs=1e-4)
+        assert scale_equivariance_loss(decoder, z, decoder.decode(z.flip(-1).roll(1, -2)), "l1+mse").item() > 1
+
+
+def test_the_scale_equivariance_weight_adds_its_loss_to_the_step_and_an_odd_latent_is_refused(tmp_path):
+    plain = VAETrainer(tiny_cfg(), tmp_path / "plain", TINY, progress=False).train_step()
+    assert "se" not in plain, "the loss must be off by default"
+    record = VAETrainer(tiny_cfg(scale_equivariance=0.5), tmp_path / "se", TINY, progress=False).train_step()
+    # L = rec + beta * KL + lambda_SE * L_SE, and the reconstruction part is the plain run's (same seed, same batch)
+    assert record["loss"] == pytest.approx(record["rec"] + 1e-6 * record["kl"] + 0.5 * record["se"], rel=1e-5)
+    assert record["rec"] == pytest.approx(plain["rec"], rel=1e-6) and record["se"] > 0
+    with pytest.raises(ValueError, match="halves the latent, which is 9x9"):
+        VAETrainer(tiny_cfg(scale_equivariance=1.0, image_size=18), tmp_path / "odd", TINY, progress=False)
