@@ -11,6 +11,8 @@ import torch
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "standardise_vae.py"
+if not SCRIPT.is_file():   # a classroom workbook ships the package and its tests, not benchmarks/
+    pytest.skip("benchmarks/standardise_vae.py is not in this copy of the repository", allow_module_level=True)
 spec = importlib.util.spec_from_file_location("standardise_vae", SCRIPT)
 standardise_vae = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(standardise_vae)
