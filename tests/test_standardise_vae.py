@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from benchscript import load_benchmark
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "standardise_vae.py"
-if not SCRIPT.is_file():   # a classroom workbook ships the package and its tests, not benchmarks/
-    pytest.skip("benchmarks/standardise_vae.py is not in this copy of the repository", allow_module_level=True)
-spec = importlib.util.spec_from_file_location("standardise_vae", SCRIPT)
-standardise_vae = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(standardise_vae)
+standardise_vae = load_benchmark("standardise_vae")
 
 TINY = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scale_factor=0.5)
 
