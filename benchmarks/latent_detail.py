@@ -56,6 +56,7 @@ def vae_statistics(folder: str, count: int) -> dict:
 
 
 def vae_of(record: dict, demo_out: str) -> str:
+    """The VAE folder (or shipped name) whose latents the record's diffusion model trained on."""
     if "vae" in record:
         return record["vae"] or "shapes64"
     return f"{demo_out}/vae" if record["command"] == "minildm demo --train" else "shapes64"
@@ -74,7 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
         if "unet" in record and (record["steps"], record["unet"]["attention_levels"]) != (7000, [False, True]):
             raise SystemExit(f"{path} is not a run of train-ldm's defaults (7,000 steps, attention at 4x4 only); "
                              f"leave it out")
-        runs.setdefault(vae_of(record, args.demo_out), []).append(record["prompt_following"])
+        vae = vae_of(record, args.demo_out)
+        try:
+            vae_folder_or_name(vae)
+        except FileNotFoundError:
+            raise SystemExit(f"{path} trained on the VAE in {vae}, which is not here: train it again (its record's "
+                             "note says how) or leave the record out") from None
+        runs.setdefault(vae, []).append(record["prompt_following"])
     rows = []
     for vae, following in runs.items():
         vae_steps = json.loads((vae_folder_or_name(vae) / "training.json").read_text())["steps"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from benchscript import load_benchmark
 
-latent_detail = load_benchmark("latent_detail").latent_detail
+latent_detail_script = load_benchmark("latent_detail")
+latent_detail = latent_detail_script.latent_detail
 
 
 def test_a_latent_constant_over_each_2x2_block_loses_nothing():
@@ -32,3 +35,11 @@ def test_the_share_is_the_fine_energy_over_the_whole():
     # the two parts are orthogonal, so the energies add: lost / total = |fine|^2 / (|coarse - mean|^2 + |fine|^2)
     expected = fine.pow(2).sum() / z.pow(2).sum()
     assert latent_detail(z) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_record_whose_vae_is_not_here_is_refused_in_one_line(tmp_path):
+    record = tmp_path / "ldm-on-vae-gone.json"
+    record.write_text(json.dumps({"vae": str(tmp_path / "gone"), "steps": 7000, "prompt_following": 0.5,
+                                  "unet": {"attention_levels": [False, True]}}))
+    with pytest.raises(SystemExit, match="which is not here: train it again"):
+        latent_detail_script.main([str(record)])
