@@ -583,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--t-sampling", dest="t_sampling", choices=["uniform", "min_snr", "lognormal"],
                     help="how often each timestep is drawn: uniform, min_snr (default; Hang et al. 2023's weighting "
                          "as a distribution) or lognormal (EDM's noise levels)")
+    tl.add_argument("--min-snr-gamma", dest="min_snr_gamma", type=POSITIVE_REAL,
+                    help="min_snr's gamma (default 5, Hang et al.'s); lower draws the noisier timesteps more often")
     tl.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the denoiser (inductor; the first steps wait for the compiler)")
     tl.add_argument("--caption-dropout", dest="caption_dropout", type=FRACTION,

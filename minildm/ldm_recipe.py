@@ -20,7 +20,7 @@ from minildm.pipeline import mismatches
 from minildm.pixel_space import PixelSpace
 from minildm.schedule import PREDICTION_TYPES, NoiseSchedule
 from minildm.text import TextEncoder, TextEncoderConfig, Tokenizer
-from minildm.timestep_sampling import SAMPLINGS
+from minildm.timestep_sampling import MIN_SNR_GAMMA, SAMPLINGS
 from minildm.unet import UNet, UNetConfig
 
 SPACES = ("latent", "pixel")
@@ -41,6 +41,7 @@ class LDMTrainConfig:
     grad_clip: float = 1.0
     prediction_type: str = "epsilon"     # what the U-Net learns to predict: epsilon, sample (z_0) or v_prediction
     t_sampling: str = "min_snr"          # how often each timestep is drawn: uniform | min_snr | lognormal
+    min_snr_gamma: float = MIN_SNR_GAMMA  # min_snr's gamma: below it, the noisier timesteps are drawn more often
     caption_dropout: float = 0.1         # share of captions replaced by "" (for classifier-free guidance)
     ema_decay: float = 0.999
     precision: str = "auto"              # auto | fp32 | bf16 | fp16 (autocast; auto: bf16/fp16 on CUDA, fp32 else)
@@ -67,6 +68,11 @@ class LDMTrainConfig:
         if self.t_sampling not in SAMPLINGS:
             raise ValueError(f"unknown t_sampling {self.t_sampling!r}; choose one of {', '.join(SAMPLINGS)} "
                              f"(--t-sampling)")
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}; Hang et al. use 5")
+        if self.min_snr_gamma != MIN_SNR_GAMMA and self.t_sampling != "min_snr":
+            raise ValueError(f"min_snr_gamma is min_snr's; t_sampling {self.t_sampling!r} has none: add --t-sampling "
+                             f"min_snr or leave --min-snr-gamma out")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}; 0.1 is usual")
 

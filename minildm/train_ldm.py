@@ -125,7 +125,7 @@ class LDMTrainer:
         self.ema = EMA(self.model, cfg.ema_decay)
         # p_t for the timesteps; None: uniform, drawn exactly as before the other samplings existed
         self.t_probabilities = (None if cfg.t_sampling == "uniform"
-                                else timestep_probabilities(self.models.schedule, cfg.t_sampling))
+                                else timestep_probabilities(self.models.schedule, cfg.t_sampling, cfg.min_snr_gamma))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         if resume:

@@ -35,16 +35,28 @@ def test_drawing_t_from_p_with_the_plain_loss_is_the_weighted_loss_up_to_a_const
     assert weighted.item() == pytest.approx((w.sum() / 1000 * (p * L).sum()).item(), rel=1e-12)
 
 
-def test_min_snr_on_eps_draws_noisy_timesteps_uniformly_and_nearly_clean_ones_in_proportion_to_snr():
+@pytest.mark.parametrize("gamma", [5.0, 1.0, 0.25])
+def test_min_snr_on_eps_draws_noisy_timesteps_uniformly_and_nearly_clean_ones_in_proportion_to_snr(gamma):
     schedule = NoiseSchedule()
-    p = timestep_probabilities(schedule, "min_snr", gamma=5.0)
+    p = timestep_probabilities(schedule, "min_snr", gamma=gamma)
     snr = schedule.snr
-    noisy = snr <= 5                                   # min(SNR, 5) / SNR = 1 there: all alike
+    noisy = snr <= gamma                               # min(SNR, gamma) / SNR = 1 there: all alike
     assert torch.allclose(p[noisy], p[noisy][0].expand(int(noisy.sum())), rtol=1e-12)
-    clean = snr > 5                                    # 5 / SNR there: twice the SNR, half as often
-    ratio = (p[clean] * snr[clean]) / (p[noisy][0] * 5)
+    clean = snr > gamma                                # gamma / SNR there: twice the SNR, half as often
+    ratio = (p[clean] * snr[clean]) / (p[noisy][0] * gamma)
     assert torch.allclose(ratio, torch.ones_like(ratio), rtol=1e-9)
-    assert p[0] < p[-1] / 200                          # t = 0 (SNR ~ 1,175) is drawn over 200 times less often
+    # t = 0 (SNR ~ 1,175) is drawn gamma / SNR_0 as often as the noisiest t: over 200 times less often at gamma 5
+    assert (p[0] / p[-1]).item() == pytest.approx(gamma / snr[0].item(), rel=1e-9)
+    assert p[0] < p[-1] / 200
+
+
+def test_a_smaller_gamma_draws_the_noisier_timesteps_more_often():
+    schedule = NoiseSchedule()
+    share_below_300 = [timestep_probabilities(schedule, "min_snr", gamma=g)[:300].sum().item()
+                       for g in (5.0, 1.0, 0.25)]
+    assert share_below_300[0] > share_below_300[1] > share_below_300[2]
+    assert share_below_300[0] == pytest.approx(0.236, abs=0.001)   # chapter 06's figures for gamma 5 and 1
+    assert share_below_300[1] == pytest.approx(0.099, abs=0.001)
 
 
 def test_min_snr_for_v_prediction_is_min_snr_over_snr_plus_one():

@@ -19,6 +19,7 @@ from minildm.ldm_export import export_pipeline
 from minildm.ldm_recipe import LDMTrainConfig, autocast_dtype, model_configs
 from minildm.pretrained import vae_folder
 from minildm.schedule import NoiseSchedule
+from minildm.timestep_sampling import timestep_probabilities
 from minildm.train_ldm import CHECKPOINT, LDMTrainer, diffusion_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -383,6 +384,19 @@ def test_the_trainer_draws_timesteps_from_the_configured_sampling(tmp_path):
     assert (t_min_snr < 100).float().mean() < 0.04
     with pytest.raises(ValueError, match="unknown t_sampling 'edm'; choose one of uniform, min_snr, lognormal"):
         LDMTrainConfig(t_sampling="edm")
+
+
+def test_the_trainer_draws_from_min_snr_with_the_configured_gamma(tmp_path):
+    low = trainer(tmp_path, "g", batch_size=512, min_snr_gamma=0.25)
+    assert torch.equal(low.t_probabilities, timestep_probabilities(low.models.schedule, "min_snr", 0.25))
+    low.prepare()
+    t_low = torch.cat([low.batch(step)[2] for step in range(4)])
+    # gamma 0.25 draws t < 300 with p = 0.033 (gamma 5: 0.236, test_timestep_sampling)
+    assert (t_low < 300).float().mean() < 0.06
+    with pytest.raises(ValueError, match="min_snr_gamma must be > 0, got 0"):
+        LDMTrainConfig(min_snr_gamma=0)
+    with pytest.raises(ValueError, match="t_sampling 'lognormal' has none"):
+        LDMTrainConfig(t_sampling="lognormal", min_snr_gamma=1.0)
 
 
 @pytest.mark.slow
