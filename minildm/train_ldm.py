@@ -324,7 +324,10 @@ class LDMTrainer:
         trainer = read_json(folder / TRAINER_NAME)
         saved, now = trainer["train_config"], asdict(self.cfg)
         may_change = ("steps", "save_every", "sample_every", "log_every")
-        changed = {k for k in saved if k not in may_change and saved[k] != now.get(k)}
+        # a setting added after the checkpoint was saved (min_snr_gamma) trained it at its default
+        defaults = asdict(LDMTrainConfig())
+        changed = {k for k in {*saved, *now}
+                   if k not in may_change and saved.get(k, defaults.get(k)) != now.get(k)}
         if changed:
             raise ValueError(f"{self.out}: was trained with different settings ({', '.join(sorted(changed))}); "
                              "resume with the same options (only --steps and how often to save may change) or start "

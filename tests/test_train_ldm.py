@@ -316,6 +316,17 @@ def test_a_used_folder_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
         trainer(tmp_path, resume=True, lr=5e-3)
 
 
+def test_a_checkpoint_saved_before_a_setting_existed_resumes_at_its_default_only(tmp_path):
+    trainer(tmp_path).run(stop_after=3)
+    state = tmp_path / "run" / CHECKPOINT / "trainer.json"
+    saved = json.loads(state.read_text())
+    del saved["train_config"]["min_snr_gamma"]            # as a checkpoint written before --min-snr-gamma
+    state.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"different settings \(min_snr_gamma\)"):
+        trainer(tmp_path, resume=True, min_snr_gamma=1.0)
+    assert trainer(tmp_path, resume=True).step == 3
+
+
 def test_resume_first_restores_a_checkpoint_a_crash_left_beside_its_folder(tmp_path):
     trainer(tmp_path).run(stop_after=3)
     folder = tmp_path / "run" / CHECKPOINT
