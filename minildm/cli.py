@@ -580,11 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--warmup-steps", dest="warmup_steps", type=NON_NEGATIVE)
     tl.add_argument("--prediction", dest="prediction_type", choices=["epsilon", "sample", "v_prediction"],
                     help="what the U-Net predicts: eps (default), z_0 or v")
-    tl.add_argument("--t-sampling", dest="t_sampling", choices=["uniform", "min_snr", "lognormal"],
+    tl.add_argument("--t-sampling", dest="t_sampling", choices=["uniform", "min_snr", "min_snr_eps", "lognormal"],
                     help="how often each timestep is drawn: uniform, min_snr (default; Hang et al. 2023's weighting "
-                         "as a distribution) or lognormal (EDM's noise levels)")
+                         "as a distribution), min_snr_eps (its draws for an eps model, whatever --prediction) or "
+                         "lognormal (EDM's noise levels)")
     tl.add_argument("--min-snr-gamma", dest="min_snr_gamma", type=POSITIVE_REAL,
                     help="min_snr's gamma (default 5, Hang et al.'s); lower draws the noisier timesteps more often")
+    tl.add_argument("--zero-terminal-snr", dest="zero_terminal_snr", action="store_true", default=None,
+                    help="rescale the noise schedule so its last step is pure noise, and sample from that step "
+                         "(Lin et al. 2024; needs --prediction v_prediction or sample)")
     tl.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the denoiser (inductor; the first steps wait for the compiler)")
     tl.add_argument("--caption-dropout", dest="caption_dropout", type=FRACTION,

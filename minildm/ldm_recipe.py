@@ -42,6 +42,7 @@ class LDMTrainConfig:
     prediction_type: str = "epsilon"     # what the U-Net learns to predict: epsilon, sample (z_0) or v_prediction
     t_sampling: str = "min_snr"          # how often each timestep is drawn: uniform | min_snr | lognormal
     min_snr_gamma: float = MIN_SNR_GAMMA  # min_snr's gamma: below it, the noisier timesteps are drawn more often
+    zero_terminal_snr: bool = False      # Lin et al. (2024): the last step pure noise, and sampling starts there
     caption_dropout: float = 0.1         # share of captions replaced by "" (for classifier-free guidance)
     ema_decay: float = 0.999
     precision: str = "auto"              # auto | fp32 | bf16 | fp16 (autocast; auto: bf16/fp16 on CUDA, fp32 else)
@@ -70,9 +71,12 @@ class LDMTrainConfig:
                              f"(--t-sampling)")
         if not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}; Hang et al. use 5")
-        if self.min_snr_gamma != MIN_SNR_GAMMA and self.t_sampling != "min_snr":
+        if self.min_snr_gamma != MIN_SNR_GAMMA and self.t_sampling not in ("min_snr", "min_snr_eps"):
             raise ValueError(f"min_snr_gamma is min_snr's; t_sampling {self.t_sampling!r} has none: add --t-sampling "
                              f"min_snr or leave --min-snr-gamma out")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("zero_terminal_snr needs a v or z_0 model: at SNR 0 the input is pure noise, so an eps "
+                             "model's z_0 estimate divides by 0; add --prediction v_prediction")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}; 0.1 is usual")
 
@@ -80,7 +84,7 @@ class LDMTrainConfig:
 @dataclass
 class ModelConfigs:
     """The two networks training builds: the U-Net and the text encoder it reads, plus the noise schedule. The
-    schedule's prediction_type is not chosen here: the trainer sets it from LDMTrainConfig.prediction_type."""
+    schedule's prediction_type (and zero terminal SNR) is not chosen here: the trainer sets it from LDMTrainConfig."""
 
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
         block_out_channels=(24, 48), attention_levels=(False, True), layers_per_block=1, heads=4, context_dim=64,

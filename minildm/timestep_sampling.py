@@ -13,7 +13,11 @@ timesteps the weighting values, where a weight near 0 would have spent it on a t
 - `min_snr`: Hang et al. (2023)'s min-SNR-gamma weighting, min(SNR_t, gamma) on the z_0 error, converted to the
   model's own target: its weight on the eps error is min(SNR_t, gamma) / SNR_t (elbo.loss_weights), divided by the
   weight the target already carries (1 for eps, 1 / SNR_t for z_0, 1 + 1 / SNR_t for v). Nearly clean timesteps,
-  where the model only has to copy its input, are drawn far less often.
+  where the model only has to copy its input, are drawn far less often. For a v model this draws few of the noisy
+  timesteps (its own loss already weights them up), and none at a zero-terminal-SNR schedule's last step.
+- `min_snr_eps`: min-SNR's draws for an eps model, p_t proportional to min(1, gamma / SNR_t), whatever the model
+  predicts: the defaults' timesteps, for a v (or z_0) model. Its objective is then min-SNR's times the target's own
+  weight (for v, 1 + 1 / SNR_t on the eps error), so the noisy timesteps count for more than under `min_snr`.
 - `lognormal`: the noise-level distribution of Karras et al. (2022, EDM): log sigma ~ N(-1.2, 1.2^2), with
   sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) the noise level of t seen in the z / sqrt(alpha_bar) frame.
   Timestep t receives the normal's mass between the log sigmas halfway to its neighbours. (EDM's network
@@ -30,7 +34,7 @@ from torch import Tensor
 from minildm.elbo import loss_weights
 from minildm.schedule import NoiseSchedule
 
-SAMPLINGS = ("uniform", "min_snr", "lognormal")
+SAMPLINGS = ("uniform", "min_snr", "min_snr_eps", "lognormal")
 MIN_SNR_GAMMA = 5.0                      # Hang et al.'s choice
 LOG_SIGMA_MEAN, LOG_SIGMA_STD = -1.2, 1.2  # EDM's P_mean, P_std
 
@@ -45,6 +49,10 @@ def timestep_probabilities(schedule: NoiseSchedule, sampling: str, gamma: float 
         # p_t proportional to w_t(min-SNR) / w_t(the model's own target), both as weights on |eps - eps_hat|^2
         own = loss_weights(schedule, schedule.prediction_type)                    # (T,)
         weights = loss_weights(schedule, "min_snr", gamma) / own                  # (T,)
+        return (weights / weights.sum()).double()
+    if sampling == "min_snr_eps":
+        # p_t proportional to min-SNR's weight on |eps - eps_hat|^2 itself: the draws of `min_snr` for an eps model
+        weights = loss_weights(schedule, "min_snr", gamma)                        # (T,)
         return (weights / weights.sum()).double()
     if sampling == "lognormal":
         if not log_sigma_std > 0:

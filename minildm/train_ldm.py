@@ -113,8 +113,12 @@ class LDMTrainer:
         if resume:
             models = ModelConfigs.from_dict(read_config(self.out / CHECKPOINT))
         models = models or ModelConfigs()
-        # the train config says what the U-Net predicts; the schedule saved with the model follows it
-        self.models = replace(models, schedule=replace(models.schedule, prediction_type=cfg.prediction_type))
+        # the train config says what the U-Net predicts and whether the last step is pure noise; the schedule saved
+        # with the model follows it (a zero-terminal-SNR model samples from that last step: "trailing" timesteps)
+        schedule = replace(models.schedule, prediction_type=cfg.prediction_type)
+        if cfg.zero_terminal_snr:
+            schedule = replace(schedule, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        self.models = replace(models, schedule=schedule)
         self.autoencoder = (load_vae_folder(self.vae_path(), self.device) if cfg.space == "latent"
                             else PixelSpace(cfg.image_size))
         torch.manual_seed(cfg.seed)            # the initial weights: the same on every rank

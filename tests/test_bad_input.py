@@ -215,6 +215,8 @@ FAIL_ROWS = [
     Row("train-ldm: --min-snr-gamma without min-SNR's timesteps",
         cli("train-ldm", "--out", "{ws}/run", "--t-sampling", "uniform", "--min-snr-gamma", "1"), 1,
         "--t-sampling min_snr"),
+    Row("train-ldm: --zero-terminal-snr with an eps model",
+        cli("train-ldm", "--out", "{ws}/run", "--zero-terminal-snr"), 1, "--prediction v_prediction"),
     Row("train-ldm: a --vae folder that does not exist",
         cli("train-ldm", "--out", "{ws}/run", "--vae", "{ws}/no-such-vae", "--steps", "1"), 1, "no-such-vae"),
     Row("train-vae: a --finetune-decoder folder that does not exist",

@@ -15,7 +15,7 @@ from minildm.timestep_sampling import draw_timesteps, timestep_probabilities
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "min_snr", "lognormal"])
+@pytest.mark.parametrize("sampling", ["uniform", "min_snr", "min_snr_eps", "lognormal"])
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 def test_every_sampling_is_a_distribution_over_the_schedule_s_timesteps(sampling, prediction):
     p = timestep_probabilities(NoiseSchedule(prediction_type=prediction), sampling)
@@ -67,6 +67,34 @@ def test_min_snr_for_v_prediction_is_min_snr_over_snr_plus_one():
     assert torch.allclose(timestep_probabilities(schedule, "min_snr"), expected / expected.sum(), rtol=1e-10)
 
 
+def test_min_snr_eps_draws_what_min_snr_draws_for_an_eps_model_whatever_the_target():
+    eps = timestep_probabilities(NoiseSchedule(), "min_snr", gamma=2.0)
+    for prediction in ("epsilon", "sample", "v_prediction"):
+        drawn = timestep_probabilities(NoiseSchedule(prediction_type=prediction), "min_snr_eps", gamma=2.0)
+        assert torch.allclose(drawn, eps, rtol=1e-12, atol=0)
+    # the difference it makes for a v model: min_snr puts 7% of its draws above t = 600, min_snr_eps 44%
+    v_min_snr = timestep_probabilities(NoiseSchedule(prediction_type="v_prediction"), "min_snr")
+    v_min_snr_eps = timestep_probabilities(NoiseSchedule(prediction_type="v_prediction"), "min_snr_eps")
+    assert v_min_snr[600:].sum().item() == pytest.approx(0.071, abs=0.001)
+    assert v_min_snr_eps[600:].sum().item() == pytest.approx(0.436, abs=0.001)
+
+
+def test_min_snr_on_a_zero_terminal_snr_schedule_takes_its_limit_at_the_pure_noise_step():
+    schedule = NoiseSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    snr = schedule.snr
+    assert snr[-1] == 0 and (snr[:-1] > 0).all()
+    # min(SNR, gamma) / SNR -> 1 as SNR -> 0: finite, and equal to the other noisy steps' weight
+    weights = loss_weights(schedule, "min_snr", 5.0)
+    assert weights[-1] == 1 and torch.isfinite(weights).all()
+    assert torch.allclose(weights[:-1], snr[:-1].clamp(max=5) / snr[:-1], rtol=1e-12)
+    eps_draws = timestep_probabilities(schedule, "min_snr_eps")
+    assert eps_draws[-1] == eps_draws[-2] == eps_draws.max()
+    # on the v error, min(SNR, gamma) / (SNR + 1) is 0 at SNR = 0: min_snr never draws the pure-noise step
+    v_draws = timestep_probabilities(schedule, "min_snr")
+    assert v_draws[-1] == 0 and not v_draws.isnan().any()
+    assert v_draws.sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
 def test_lognormal_gives_each_timestep_the_normal_mass_of_its_log_sigma_cell():
     schedule = NoiseSchedule()
     p = timestep_probabilities(schedule, "lognormal", log_sigma_mean=-1.2, log_sigma_std=1.2)
@@ -98,6 +126,7 @@ def test_draw_timesteps_matches_p_and_uniform_is_the_old_randint_draw():
 
 
 def test_an_unknown_sampling_is_a_one_line_error():
-    with pytest.raises(ValueError, match="unknown timestep sampling 'snr'; choose one of uniform, min_snr, lognormal"):
+    choices = "uniform, min_snr, min_snr_eps, lognormal"
+    with pytest.raises(ValueError, match=f"unknown timestep sampling 'snr'; choose one of {choices}"):
         timestep_probabilities(NoiseSchedule(), "snr")
     assert math.isclose(timestep_probabilities(NoiseSchedule(), "uniform")[0].item(), 1e-3)

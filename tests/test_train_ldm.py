@@ -17,6 +17,7 @@ from minildm.ema import EMA
 from minildm.latent_cache import LATENT_CACHE
 from minildm.ldm_export import export_pipeline
 from minildm.ldm_recipe import LDMTrainConfig, autocast_dtype, model_configs
+from minildm.pipeline import LatentDiffusion
 from minildm.pretrained import vae_folder
 from minildm.schedule import NoiseSchedule
 from minildm.timestep_sampling import timestep_probabilities
@@ -393,7 +394,8 @@ def test_the_trainer_draws_timesteps_from_the_configured_sampling(tmp_path):
     # is 2.9% instead of 10%
     assert (t_uniform < 100).float().mean() > 0.08
     assert (t_min_snr < 100).float().mean() < 0.04
-    with pytest.raises(ValueError, match="unknown t_sampling 'edm'; choose one of uniform, min_snr, lognormal"):
+    choices = "uniform, min_snr, min_snr_eps, lognormal"
+    with pytest.raises(ValueError, match=f"unknown t_sampling 'edm'; choose one of {choices}"):
         LDMTrainConfig(t_sampling="edm")
 
 
@@ -408,6 +410,28 @@ def test_the_trainer_draws_from_min_snr_with_the_configured_gamma(tmp_path):
         LDMTrainConfig(min_snr_gamma=0)
     with pytest.raises(ValueError, match="t_sampling 'lognormal' has none"):
         LDMTrainConfig(t_sampling="lognormal", min_snr_gamma=1.0)
+
+
+def test_zero_terminal_snr_trains_to_pure_noise_and_its_pipeline_samples_from_there(tmp_path):
+    run = trainer(tmp_path, steps=2, prediction_type="v_prediction", zero_terminal_snr=True, t_sampling="min_snr_eps")
+    schedule = run.models.schedule
+    assert schedule.rescale_betas_zero_snr and schedule.alpha_bar[-1] == 0
+    assert torch.equal(schedule.alpha_bar, NoiseSchedule(rescale_betas_zero_snr=True).alpha_bar)
+    assert torch.equal(run.t_probabilities, timestep_probabilities(schedule, "min_snr_eps"))
+    assert run.t_probabilities[-1] > 0                     # the pure-noise step is practised
+    run.run()
+    pipe = LatentDiffusion.from_pretrained(export_pipeline(tmp_path / "run", tmp_path / "pipe", {}, steps=4))
+    assert pipe.schedule.rescale_betas_zero_snr and pipe.schedule.timestep_spacing == "trailing"
+    steps = []
+    z0 = pipe.text_to_image("a small red circle at the left", seed=0, output_type="latents", callback=steps.append)
+    # "trailing" timesteps: the first model call is at t = T - 1, where training's input was pure noise too
+    assert [step.t for step in steps][0] == 999 and len(steps) == 4
+    assert torch.isfinite(z0).all()
+    # the defaults keep SD's schedule, which leaves sqrt(alpha_bar) = 0.068 of the image at t = 999
+    default = trainer(tmp_path, "default").models.schedule
+    assert not default.rescale_betas_zero_snr and default.alpha_bar[-1].sqrt().item() == pytest.approx(0.068, abs=1e-3)
+    with pytest.raises(ValueError, match="zero_terminal_snr needs a v or z_0 model"):
+        LDMTrainConfig(zero_terminal_snr=True)
 
 
 @pytest.mark.slow
