@@ -104,8 +104,8 @@ def loss_weights(schedule: NoiseSchedule, weighting: str, gamma: float = 5.0) ->
     if weighting == "min_snr":
         if not gamma > 0:
             raise ValueError(f"min-SNR's gamma must be > 0 (Hang et al. use 5); got {gamma}")
-        # min(SNR, gamma) |z_0 - z0_hat|^2 = min(SNR, gamma) / SNR |eps - eps_hat|^2 = min(1, gamma / SNR) |...|^2,
-        # written the second way so that a zero-terminal-SNR schedule's last step (SNR = 0) gets its limit, 1
+        # min(SNR, gamma) |z_0 - z0_hat|^2 = min(SNR, gamma) / SNR |eps - eps_hat|^2 = min(1, gamma / SNR) |...|^2;
+        # the last form, so that a zero-terminal-SNR schedule's last step (SNR = 0) gets the limit, 1, not 0 / 0
         return (gamma / snr).clamp(max=1)
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
