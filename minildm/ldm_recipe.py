@@ -40,7 +40,7 @@ class LDMTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     prediction_type: str = "epsilon"     # what the U-Net learns to predict: epsilon, sample (z_0) or v_prediction
-    t_sampling: str = "min_snr"          # how often each timestep is drawn: uniform | min_snr | lognormal
+    t_sampling: str = "min_snr"          # how often each timestep is drawn: uniform | min_snr | min_snr_eps | lognormal
     min_snr_gamma: float = MIN_SNR_GAMMA  # min_snr's gamma: below it, the noisier timesteps are drawn more often
     zero_terminal_snr: bool = False      # Lin et al. (2024): the last step pure noise, and sampling starts there
     caption_dropout: float = 0.1         # share of captions replaced by "" (for classifier-free guidance)
