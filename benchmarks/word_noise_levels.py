@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minildm.data import COLOURS, EVAL_SEED, SHAPE_KINDS, ShapesDataset, draw_factor
+from minildm.data import COLOURS, EVAL_SEED, SHAPE_KINDS, ShapesDataset, draw_like
 from minildm.judge import factor_words, read_words
 from minildm.pretrained import load_judge, load_pipeline
 from minildm.samplers import make_sampler
@@ -51,12 +51,13 @@ def edited_caption(factors: dict, word: str, rng: np.random.Generator,
         return new.describe(), factor_words({**factors, "objects": [new]})[word]
     if word not in WORDS:
         raise ValueError(f"unknown word {word!r}; choose one of {', '.join(WORDS)}")
-    for _ in range(tries):
-        new = replace(draw_factor(rng, rotation=True), kind=obj.kind, colour=obj.colour)
-        after = factor_words({**factors, "objects": [new]})
-        if after[word] != before[word] and all(after[w] == before[w] for w in WORDS if w != word):
-            return new.describe(), after[word]
-    return None
+
+    def one_word_changed(candidate) -> bool:
+        after = factor_words({**factors, "objects": [candidate]})
+        return after[word] != before[word] and all(after[w] == before[w] for w in WORDS if w != word)
+
+    new = draw_like(rng, obj, True, one_word_changed, tries)
+    return None if new is None else (new.describe(), factor_words({**factors, "objects": [new]})[word])
 
 
 def strength_grid(steps: int) -> list[float]:

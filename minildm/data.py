@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -86,6 +87,18 @@ def draw_factor(rng: np.random.Generator, rotation: bool) -> ShapeFactors:
     )
 
 
+def draw_like(rng: np.random.Generator, obj: ShapeFactors, rotation: bool, accept: Callable[[ShapeFactors], bool],
+              tries: int) -> ShapeFactors | None:
+    """The generator's own size, position and rotation drawn afresh with `obj`'s kind and colour, until `accept`
+    takes one (None after `tries` draws). Rejection sampling: the result is drawn exactly from the generator's
+    distribution conditioned on what `accept` asks of it."""
+    for _ in range(tries):
+        candidate = replace(draw_factor(rng, rotation), kind=obj.kind, colour=obj.colour)
+        if accept(candidate):
+            return candidate
+    return None
+
+
 def redraw_factor(rng: np.random.Generator, obj: ShapeFactors, rotation: bool, tries: int = 100_000) -> ShapeFactors:
     """The same words, fresh continuous factors: another draw of the generator's own size, position and rotation,
     kept only when it describes the object in the same words (`obj.describe()`). Kind and colour are kept.
@@ -94,10 +107,9 @@ def redraw_factor(rng: np.random.Generator, obj: ShapeFactors, rotation: bool, t
     image of the same caption, as different from the first as the words allow.
     """
     words = obj.describe()
-    for _ in range(tries):
-        candidate = replace(draw_factor(rng, rotation), kind=obj.kind, colour=obj.colour)
-        if candidate.describe() == words:
-            return candidate
+    redrawn = draw_like(rng, obj, rotation, lambda candidate: candidate.describe() == words, tries)
+    if redrawn is not None:
+        return redrawn
     raise ValueError(f"no redraw of {words!r} matched its words in {tries} tries; pass more tries (every caption "
                      f"the generator writes matches about one draw in 30 or more)")
 
