@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
               "recipe": {key: recipe.get(key) for key in ("batch_size", "lr", "t_sampling", "min_snr_gamma",
                                                       "zero_terminal_snr", "prediction_type", "ema_decay",
                                                       "warmup_steps", "num_train_images")},
-              "unet": {key: unet[key] for key in ("block_out_channels", "attention_levels", "layers_per_block")},
+              "unet": {key: unet[key] for key in ("block_out_channels", "attention_levels", "layers_per_block")}
+              # the way up's attention levels, recorded where --attention-up made them differ from the way down's
+              | ({"up_attention_levels": unet["up_attention_levels"]}
+                 if unet.get("up_attention_levels", unet["attention_levels"]) != unet["attention_levels"] else {}),
               "final_loss": trained["final_loss"], "vae": recipe["vae"],
               **vae_scores(recipe["vae"], args.eval_images),
               **prompt_following(out / "pipeline", args.eval_images),

@@ -82,6 +82,10 @@ RECIPES = {
         # records' attention_4x4_only and channels_24_48 are in today's default network.)
         "default_lognormal": {"t_sampling": "lognormal"},
         "default_ema_0.99": {"ema_decay": 0.99},
+        # attention at 8x8 too (the shipped network's placement), and at 8x8 on the way down only: the way up holds
+        # two of the three 8x8 SpatialTransformers (chapter 06, "Attention at 8x8 on the way down only")
+        "attention_8x8": {"models": {"attention": "1,1"}},
+        "attention_8x8_down_only": {"models": {"attention": "1,1", "attention_up": "0,1"}},
     },
     "vae": {
         "default": {},

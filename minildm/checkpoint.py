@@ -42,6 +42,8 @@ ADDED_FIELDS: dict[str, dict[str, Any]] = {
     # CLIP's options (issue 14): the Shapes text encoder was saved before them with GELU, an MLP of mlp_ratio * dim,
     # LayerNorm's eps and the last block's output
     "TextEncoderConfig": {"activation": "gelu", "intermediate_size": None, "layer_norm_eps": 1e-5, "output_layer": -1},
+    # the way up's own attention levels (issue 17): saved before it, a U-Net attended at the same levels both ways
+    "UNetConfig": {"up_attention_levels": None},
 }
 WARNED: set[tuple[str, str]] = set()
 

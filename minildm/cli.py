@@ -422,7 +422,7 @@ def cmd_train_ldm(args) -> int:
     cfg = LDMTrainConfig(**values)
     models = model_configs(cfg.space, channels=args.channels, attention=args.attention, heads=args.heads,
                            layers_per_block=args.layers_per_block, text_dim=args.text_dim, text_depth=args.text_depth,
-                           norm_num_groups=args.norm_num_groups)
+                           norm_num_groups=args.norm_num_groups, attention_up=args.attention_up)
     start = time.time()
     trainer = LDMTrainer(cfg, args.out, models, resume=args.resume, device=args.device)
     summary = trainer.run(stop_after=args.stop_after)
@@ -610,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="U-Net block_out_channels (default 24,48; the shipped model: 32,64)")
     tl.add_argument("--attention", type=LEVEL_FLAGS,
                     help="which levels attend, e.g. 1,1 (default: the deepest only, 0,1; the shipped model: 1,1)")
+    tl.add_argument("--attention-up", dest="attention_up", type=LEVEL_FLAGS,
+                    help="which levels attend on the way up, if not those of --attention: --attention 1,1 "
+                         "--attention-up 0,1 attends at 8x8 on the way down only")
     tl.add_argument("--heads", type=POSITIVE, default=4)
     tl.add_argument("--layers-per-block", dest="layers_per_block", type=POSITIVE, default=1)
     tl.add_argument("--norm-groups", dest="norm_num_groups", type=POSITIVE, default=8)

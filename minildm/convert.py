@@ -225,9 +225,10 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
     if any(t not in UNET_BLOCKS["down"] for t in down) or any(t not in UNET_BLOCKS["up"] for t in up):
         raise ValueError(f"block types {down} / {up} are not supported: "
                          f"use {UNET_BLOCKS['down']} / {UNET_BLOCKS['up']}")
+    if len(up) != len(down):
+        raise ValueError(f"up_block_types {up} and down_block_types {down} must have one entry per level each")
     attention = tuple(t.startswith("CrossAttn") for t in down)
-    if tuple(t.startswith("CrossAttn") for t in reversed(up)) != attention:
-        raise ValueError(f"up_block_types {up} must mirror down_block_types {down} (attention at the same levels)")
+    up_attention = tuple(t.startswith("CrossAttn") for t in reversed(up))     # diffusers lists the way up deepest first
     if config.get("mid_block_type", UNET_BLOCKS["mid"]) != UNET_BLOCKS["mid"]:
         raise ValueError(f"mid_block_type {config['mid_block_type']!r} is not supported: use {UNET_BLOCKS['mid']!r}")
     unknown = sorted(set(config) - set(UNET_DEFAULTS) - UNET_IGNORED - {
@@ -252,7 +253,8 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
     return UNetConfig(
         in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
         block_out_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
-        layers_per_block=one_for_all_levels("layers_per_block", 2), attention_levels=attention, mid_attention=True,
+        layers_per_block=one_for_all_levels("layers_per_block", 2), attention_levels=attention,
+        up_attention_levels=up_attention, mid_attention=True,
         heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads, transformer_depth=depth,
         context_dim=one_for_all_levels("cross_attention_dim", 1280), norm_num_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5), use_linear_projection=config.get("use_linear_projection", False),
@@ -399,6 +401,9 @@ def unet_config_from_compvis(state_dict: dict[str, Tensor], heads: int | tuple[i
     first_blocks = [1 + level * (layers_per_block + 1) for level in range(levels)]
     channels = tuple(unet[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] for k in first_blocks)
     attention_levels = tuple(f"input_blocks.{k}.1.proj_in.weight" in unet for k in first_blocks)
+    # the way up runs deepest level first, L + 1 blocks each: level i's first output block is (levels - 1 - i)(L + 1)
+    up_attention_levels = tuple(f"output_blocks.{(levels - 1 - level) * (layers_per_block + 1)}.1.proj_in.weight"
+                                in unet for level in range(levels))
     proj_in = [v for k, v in unet.items() if k.endswith(".proj_in.weight")]
     to_k = [v for k, v in unet.items() if k.endswith(".attn2.to_k.weight")]
     if not proj_in or not to_k:
@@ -415,6 +420,7 @@ def unet_config_from_compvis(state_dict: dict[str, Tensor], heads: int | tuple[i
         heads = 8 if context_dim == 768 else tuple(c // 64 for c in channels)
     return UNetConfig(in_channels=conv_in.shape[1], out_channels=out_channels, block_out_channels=channels,
                       layers_per_block=layers_per_block, attention_levels=attention_levels,
+                      up_attention_levels=up_attention_levels,
                       mid_attention="middle_block.1.proj_in.weight" in unet, heads=heads, transformer_depth=depth,
                       context_dim=context_dim, norm_num_groups=norm_num_groups,
                       use_linear_projection=proj_in[0].ndim == 2)

@@ -118,13 +118,15 @@ def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
 
 def model_configs(space: str = "latent", channels: str | None = None, attention: str | None = None, heads: int = 4,
                   layers_per_block: int = 1, text_dim: int = 64, text_depth: int = 2,
-                  norm_num_groups: int = 8) -> ModelConfigs:
+                  norm_num_groups: int = 8, attention_up: str | None = None) -> ModelConfigs:
     """The networks for `space`: 4 channels in and out for latents, 3 for pixels; the rest is one recipe.
 
     By default the levels are 24 and 48 channels wide and only the deepest attends (4x4 for 8x8 latents): the 8x8
     level's attention cost 31% of a step and the model followed its prompts worse with it, for the same training
     time, and the narrower levels save another 16% of a step for as good a model in 7,000 steps (chapter 06, "A
     cheaper network" and "Today's network, narrower"). The shipped model: channels 32,64, attention 1,1.
+    `attention_up` gives the way up its own levels (default: the same as the way down's): the way up has one more
+    layer per level than the way down, so at 8x8 it holds two of the three SpatialTransformers.
     """
     block_out_channels = parse_ints(channels, "channels") or (24, 48)
     # (0, ..., 0, 1): attention at the last (deepest, lowest-resolution) level only
@@ -132,9 +134,14 @@ def model_configs(space: str = "latent", channels: str | None = None, attention:
     if len(attends) != len(block_out_channels):
         raise ValueError(f"--attention has {len(attends)} entries for {len(block_out_channels)} levels; "
                          "give one 0/1 each")
+    attends_up = parse_ints(attention_up, "attention-up") or attends
+    if len(attends_up) != len(block_out_channels):
+        raise ValueError(f"--attention-up has {len(attends_up)} entries for {len(block_out_channels)} levels; "
+                         "give one 0/1 each")
     latent_channels = 4 if space == "latent" else 3
     unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=block_out_channels,
-                      attention_levels=tuple(bool(a) for a in attends), layers_per_block=layers_per_block,
+                      attention_levels=tuple(bool(a) for a in attends),
+                      up_attention_levels=tuple(bool(a) for a in attends_up), layers_per_block=layers_per_block,
                       heads=heads, context_dim=text_dim, norm_num_groups=norm_num_groups)
     text = TextEncoderConfig(vocab_size=Tokenizer().vocab_size, dim=text_dim, depth=text_depth, heads=heads)
     return ModelConfigs(unet, text, NoiseSchedule())

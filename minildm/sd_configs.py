@@ -306,9 +306,11 @@ def attention_sites(unet_config: UNetConfig, vae_config: AutoencoderConfig, heig
                              choose_backend("cuda", torch.float16, q, k), choose_backend("cpu", torch.float32, q, k))
 
     c, sites = unet_config, []
-    per_level = 2 * c.layers_per_block + 1                           # down L + up (L + 1) SpatialTransformers
-    for level, (channels, heads, attends) in enumerate(zip(c.block_out_channels, c.level_heads, c.attention_levels)):
-        if not attends:
+    for level, (channels, heads) in enumerate(zip(c.block_out_channels, c.level_heads)):
+        # down L + up (L + 1) SpatialTransformers, on each path that attends at this level
+        per_level = (c.layers_per_block * c.attention_levels[level]
+                     + (c.layers_per_block + 1) * c.up_attention_levels[level])
+        if not per_level:
             continue
         gh, gw = h // 2**level, w // 2**level                        # each level halves the side
         layers = per_level * c.transformer_depth

@@ -31,7 +31,8 @@ class UNetConfig:
     out_channels: int = 4                                      # ... and eps_hat channels out
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)   # one entry per resolution level
     layers_per_block: int = 2                                  # ResBlocks per down level (up levels have one more)
-    attention_levels: tuple[bool, ...] = (True, True, True, False)   # which levels have SpatialTransformers
+    attention_levels: tuple[bool, ...] = (True, True, True, False)   # which levels have SpatialTransformers (down)
+    up_attention_levels: tuple[bool, ...] | None = None        # the way up's, if not the same (None: the same, as SD)
     mid_attention: bool | None = None                          # the middle's; None: if any level attends (SD: yes)
     heads: int | tuple[int, ...] = 8                           # attention heads, for all levels or per level
     transformer_depth: int = 1                                 # transformer blocks per SpatialTransformer
@@ -47,13 +48,20 @@ class UNetConfig:
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         self.attention_levels = tuple(self.attention_levels)
+        if self.up_attention_levels is None:
+            self.up_attention_levels = self.attention_levels
+        self.up_attention_levels = tuple(self.up_attention_levels)
         if self.mid_attention is None:
-            self.mid_attention = any(self.attention_levels)
+            self.mid_attention = any(self.attention_levels + self.up_attention_levels)
         self.heads = tuple(self.heads) if isinstance(self.heads, (list, tuple)) else self.heads
         levels = len(self.block_out_channels)
         if len(self.attention_levels) != levels:
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for {levels} levels "
                              f"(block_out_channels={self.block_out_channels}); give one True/False per level")
+        if len(self.up_attention_levels) != levels:
+            raise ValueError(f"up_attention_levels has {len(self.up_attention_levels)} entries for {levels} levels "
+                             f"(block_out_channels={self.block_out_channels}); give one True/False per level, "
+                             "or None for the same as attention_levels")
         for channels, heads in zip(self.block_out_channels, self.level_heads):
             if channels % heads or channels % self.norm_num_groups:
                 raise ValueError(f"{channels} channels do not split into {heads} heads and {self.norm_num_groups} "
@@ -296,7 +304,7 @@ class UNet(nn.Module):
         for i, out in enumerate(reversed(chans)):
             level = levels - 1 - i
             ins = [(previous if j == 0 else out) + skips.pop() for j in range(c.layers_per_block + 1)]
-            self.up.append(UNetUpLevel(ins, out, c, heads[level], c.attention_levels[level],
+            self.up.append(UNetUpLevel(ins, out, c, heads[level], c.up_attention_levels[level],
                                        Upsample(out) if level > 0 else None))
             previous = out
         self.norm_out = group_norm(chans[0], c.norm_num_groups, c.norm_eps)
@@ -309,7 +317,7 @@ class UNet(nn.Module):
             raise ValueError(f"z_t must be (B, {c.in_channels}, h, w) latents, got shape {tuple(zt.shape)}")
         check_size_multiple(zt.shape[2], zt.shape[3], 1, "any positive size: the way up returns to the skips' sizes",
                             what="latent size")
-        if any(c.attention_levels) or c.mid_attention:
+        if any(c.attention_levels + c.up_attention_levels) or c.mid_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != c.context_dim:
                 got = "None" if context is None else f"shape {tuple(context.shape)}"
                 raise ValueError(f"context must be (B, L, {c.context_dim}) token embeddings, got {got}")

@@ -239,6 +239,29 @@ def test_prompt_changes_the_answer_even_with_attention_only_in_the_middle_block(
         assert_differ(model(zt, 400, context.flip(0)), model(zt, 400, context), "swapping the two prompts")
 
 
+@pytest.mark.parametrize("down, up", [((True, True), (False, True)), ((False, True), (True, True))],
+                         ids=["first_level_down_only", "first_level_up_only"])
+def test_each_path_attends_where_its_own_levels_say_and_the_prompt_reaches_through_it(down, up):
+    model = tiny_unet(attention_levels=down, up_attention_levels=up, mid_attention=False)
+    # self.up runs deepest level first: its level order is reversed
+    assert [level.attn is not None for level in model.down] == list(down)
+    assert [level.attn is not None for level in reversed(model.up)] == list(up)
+    # the first level's transformers alone carry the prompt on the path that has them: drop the deepest level's,
+    # and a different prompt must still change the answer
+    model.down[1].attn = None
+    model.up[0].attn = None
+    zt, context = inputs()
+    with torch.no_grad():
+        assert_differ(model(zt, 400, context.flip(0)), model(zt, 400, context), "swapping the two prompts")
+
+
+def test_the_way_up_attends_where_the_way_down_does_unless_told_otherwise():
+    config = UNetConfig(**{**TINY, "attention_levels": (False, True)})
+    assert config.up_attention_levels == (False, True)
+    up_only = UNetConfig(**{**TINY, "attention_levels": (False, False), "up_attention_levels": (True, False)})
+    assert up_only.mid_attention, "the middle attends if any level on either path does"
+
+
 def test_a_unet_without_attention_levels_runs_without_context():
     model = tiny_unet(attention_levels=(False, False))
     zt, _ = inputs()
@@ -344,14 +367,15 @@ def test_a_latent_side_the_levels_do_not_divide_runs_and_comes_back_at_its_own_s
     "changes, match",
     [
         (dict(attention_levels=(True, True, False)), r"attention_levels has 3 entries for 2 levels"),
+        (dict(up_attention_levels=(True,)), r"up_attention_levels has 1 entries for 2 levels"),
         (dict(heads=(2, 2, 2)), r"heads has 3 entries for 2 levels"),
         (dict(heads=3), r"16 channels do not split into 3 heads and 8 groups"),
         (dict(heads=(2, 5)), r"32 channels do not split into 5 heads"),
         (dict(block_out_channels=(16, 20)), r"20 channels do not split into 2 heads and 8 groups"),
         (dict(norm_num_groups=6), r"16 channels do not split into 2 heads and 6 groups"),
     ],
-    ids=["attention_levels_3_for_2", "heads_3_for_2", "heads_3_of_16", "heads_5_of_32", "groups_8_of_20",
-         "groups_6_of_16"],
+    ids=["attention_levels_3_for_2", "up_attention_levels_1_for_2", "heads_3_for_2", "heads_3_of_16", "heads_5_of_32",
+         "groups_8_of_20", "groups_6_of_16"],
 )
 def test_config_that_cannot_be_built_is_a_one_line_value_error(changes, match):
     with pytest.raises(ValueError, match=match) as err:

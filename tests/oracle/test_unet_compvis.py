@@ -49,6 +49,12 @@ CONFIGS = {
         block_out_channels=(32, 64, 64, 64), down_block_types=SD_DOWN, up_block_types=SD_UP, layers_per_block=1,
         attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, transformer_layers_per_block=2,
         norm_num_groups=8, cross_attention_dim=24),
+    # attention at the first level on the way down only (train-ldm --attention 1,1 --attention-up 0,1): the way up's
+    # output blocks there hold a ResBlock and the upsample, no transformer
+    "first_level_attends_on_the_way_down_only": dict(
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=2,
+        norm_num_groups=8, cross_attention_dim=16),
 }
 RTOL = 1e-4                                    # of max |diffusers' output|
 _cache: dict = {}
