@@ -6,9 +6,13 @@ diffusers needed (tests/oracle/test_unet_parity.py holds the U-Net to diffusers'
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 
+from minildm import checkpoint
 from minildm.unet import UNet, UNetConfig, timestep_embedding
 
 # two levels (f = 2), attention at both, 2 heads of 8 and 16 channels, prompts of D = 8
@@ -260,6 +264,16 @@ def test_the_way_up_attends_where_the_way_down_does_unless_told_otherwise():
     assert config.up_attention_levels == (False, True)
     up_only = UNetConfig(**{**TINY, "attention_levels": (False, False), "up_attention_levels": (True, False)})
     assert up_only.mid_attention, "the middle attends if any level on either path does"
+
+
+def test_a_config_saved_before_the_way_up_had_its_own_levels_loads_attending_both_ways(monkeypatch):
+    monkeypatch.setattr(checkpoint, "WARNED", set())           # each warning is said once per session
+    old = {k: v for k, v in dataclasses.asdict(UNetConfig(**TINY)).items() if k != "up_attention_levels"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = checkpoint.config_from_dict(UNetConfig, old, "old/unet/config.json")
+    assert config.up_attention_levels == config.attention_levels == (True, True)
+    assert [str(w.message).split("'")[1] for w in caught if "added later" in str(w.message)] == ["up_attention_levels"]
 
 
 def test_a_unet_without_attention_levels_runs_without_context():
