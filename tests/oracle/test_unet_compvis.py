@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
+from test_unet_parity import CONFIGS as PARITY_CONFIGS  # noqa: E402
 from test_unet_parity import randomise  # noqa: E402  (the same re-randomised norms as the diffusers parity test)
 
 from minildm.convert import (  # noqa: E402
@@ -50,11 +51,8 @@ CONFIGS = {
         attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, transformer_layers_per_block=2,
         norm_num_groups=8, cross_attention_dim=24),
     # attention at the first level on the way down only (train-ldm --attention 1,1 --attention-up 0,1): the way up's
-    # output blocks there hold a ResBlock and the upsample, no transformer
-    "first_level_attends_on_the_way_down_only": dict(
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=2,
-        norm_num_groups=8, cross_attention_dim=16),
+    # output blocks there hold a ResBlock and the upsample, no transformer (the parity test's config)
+    "first_level_attends_on_the_way_down_only": PARITY_CONFIGS["first_level_attends_on_the_way_down_only"],
 }
 RTOL = 1e-4                                    # of max |diffusers' output|
 _cache: dict = {}
