@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
               "unet": {key: unet[key] for key in ("block_out_channels", "attention_levels", "layers_per_block")}
               # the way up's attention levels, recorded where --attention-up made them differ from the way down's
               | ({"up_attention_levels": unet["up_attention_levels"]}
-                 if unet.get("up_attention_levels", unet["attention_levels"]) != unet["attention_levels"] else {}),
+                 if unet.get("up_attention_levels", unet["attention_levels"]) != unet["attention_levels"] else {})
+              # and the heads, where --heads changed them (per level: a list, finest first)
+              | ({"heads": unet["heads"]} if unet["heads"] != 4 else {}),
               "final_loss": trained["final_loss"], "vae": recipe["vae"],
               **vae_scores(recipe["vae"], args.eval_images),
               **prompt_following(out / "pipeline", args.eval_images),

@@ -86,6 +86,8 @@ RECIPES = {
         # two of the three 8x8 SpatialTransformers (chapter 06, "Attention at 8x8 on the way down only")
         "attention_8x8": {"models": {"attention": "1,1"}},
         "attention_8x8_down_only": {"models": {"attention": "1,1", "attention_up": "0,1"}},
+        # ... with one head of 24 channels at 8x8 instead of four of 6 (--heads 1,4): fewer, wider heads
+        "attention_8x8_down_one_head": {"models": {"attention": "1,1", "attention_up": "0,1", "heads": "1,4"}},
     },
     "vae": {
         "default": {},

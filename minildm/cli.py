@@ -98,6 +98,7 @@ FRACTION = real_number(0.0, 1.0)                                # a share, img2i
 EMA_DECAY = real_number(0.0, 1.0, high_open=True)               # 1 would never move
 CHANNELS = whole_numbers(1, None, "32,64")                      # block_out_channels, one entry per level
 LEVEL_FLAGS = whole_numbers(0, 1, "1,1 (1: the level attends)")
+HEADS = whole_numbers(1, None, "4, or one count per level such as 1,4")
 
 
 def add_run_options(p: argparse.ArgumentParser, out_help: str, export_help: str) -> None:
@@ -613,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--attention-up", dest="attention_up", type=LEVEL_FLAGS,
                     help="which levels attend on the way up, if not those of --attention: --attention 1,1 "
                          "--attention-up 0,1 attends at 8x8 on the way down only")
-    tl.add_argument("--heads", type=POSITIVE, default=4)
+    tl.add_argument("--heads", type=HEADS, default="4",
+                    help="attention heads: one count for every level and the text encoder (default 4), or one per "
+                         "level, finest first (1,4: one head at 8x8; the text encoder takes the last)")
     tl.add_argument("--layers-per-block", dest="layers_per_block", type=POSITIVE, default=1)
     tl.add_argument("--norm-groups", dest="norm_num_groups", type=POSITIVE, default=8)
     tl.add_argument("--text-dim", dest="text_dim", type=POSITIVE, default=64,

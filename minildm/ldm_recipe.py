@@ -116,7 +116,8 @@ def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
         raise ValueError(f"--{name} takes comma-separated integers like 64,128; got {text!r}") from None
 
 
-def model_configs(space: str = "latent", channels: str | None = None, attention: str | None = None, heads: int = 4,
+def model_configs(space: str = "latent", channels: str | None = None, attention: str | None = None,
+                  heads: int | str = 4,
                   layers_per_block: int = 1, text_dim: int = 64, text_depth: int = 2,
                   norm_num_groups: int = 8, attention_up: str | None = None) -> ModelConfigs:
     """The networks for `space`: 4 channels in and out for latents, 3 for pixels; the rest is one recipe.
@@ -127,6 +128,8 @@ def model_configs(space: str = "latent", channels: str | None = None, attention:
     cheaper network" and "Today's network, narrower"). The shipped model: channels 32,64, attention 1,1.
     `attention_up` gives the way up its own levels (default: the same as the way down's): the way up has one more
     layer per level than the way down, so at 8x8 it holds two of the three SpatialTransformers.
+    `heads` is one count for every level and the text encoder, or one per level ("1,4": one head of 24 channels at
+    8x8, four of 12 at 4x4), the text encoder then taking the deepest level's, the one that attends by default.
     """
     block_out_channels = parse_ints(channels, "channels") or (24, 48)
     # (0, ..., 0, 1): attention at the last (deepest, lowest-resolution) level only
@@ -138,12 +141,17 @@ def model_configs(space: str = "latent", channels: str | None = None, attention:
     if len(attends_up) != len(block_out_channels):
         raise ValueError(f"--attention-up has {len(attends_up)} entries for {len(block_out_channels)} levels; "
                          "give one 0/1 each")
+    level_heads = (heads,) if isinstance(heads, int) else parse_ints(heads, "heads")
+    if len(level_heads) not in (1, len(block_out_channels)):
+        raise ValueError(f"--heads has {len(level_heads)} entries for {len(block_out_channels)} levels; "
+                         "give one count for all levels or one per level")
     latent_channels = 4 if space == "latent" else 3
     unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=block_out_channels,
                       attention_levels=tuple(bool(a) for a in attends),
                       up_attention_levels=tuple(bool(a) for a in attends_up), layers_per_block=layers_per_block,
-                      heads=heads, context_dim=text_dim, norm_num_groups=norm_num_groups)
-    text = TextEncoderConfig(vocab_size=Tokenizer().vocab_size, dim=text_dim, depth=text_depth, heads=heads)
+                      heads=level_heads if len(level_heads) > 1 else level_heads[0], context_dim=text_dim,
+                      norm_num_groups=norm_num_groups)
+    text = TextEncoderConfig(vocab_size=Tokenizer().vocab_size, dim=text_dim, depth=text_depth, heads=level_heads[-1])
     return ModelConfigs(unet, text, NoiseSchedule())
 
 

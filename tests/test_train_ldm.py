@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from minildm.attention import MultiHeadAttention
+from minildm.cli import build_parser
 from minildm.ema import EMA
 from minildm.latent_cache import LATENT_CACHE
 from minildm.ldm_export import export_pipeline
@@ -22,6 +24,7 @@ from minildm.pretrained import vae_folder
 from minildm.schedule import NoiseSchedule
 from minildm.timestep_sampling import timestep_probabilities
 from minildm.train_ldm import CHECKPOINT, LDMTrainer, diffusion_loss
+from minildm.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -355,6 +358,30 @@ def test_bad_options_are_one_line_errors(tmp_path):
         model_configs(channels="64;128")
     with pytest.raises(ValueError, match="--attention"):
         model_configs(channels="64,128", attention="1")
+
+
+
+def test_heads_are_one_count_for_all_levels_or_one_per_level():
+    """`--heads 1,4`: one head of 24 channels at 8x8 and four of 12 at 4x4; the text encoder takes the deepest level's.
+    One count keeps every level and the text encoder at it, as before."""
+    def attention_heads(models):
+        unet = UNet(models.unet)
+        return {m.to_q.out_features // m.heads: m.heads for m in unet.modules() if isinstance(m, MultiHeadAttention)}
+
+    per_level = model_configs(channels="24,48", attention="1,1", heads="1,4")
+    assert per_level.unet.level_heads == (1, 4) and per_level.text_encoder.heads == 4
+    assert attention_heads(per_level) == {24: 1, 12: 4}             # head size -> heads: 24 channels in one head
+    shared = model_configs(channels="24,48", attention="1,1", heads=2)
+    assert shared.unet.level_heads == (2, 2) and shared.text_encoder.heads == 2
+    assert model_configs(heads="8").unet.level_heads == (8, 8)
+    args = build_parser().parse_args(["train-ldm", "--out", "x", "--heads", "1,4"])
+    assert model_configs(heads=args.heads).unet.level_heads == (1, 4)
+    with pytest.raises(ValueError, match="--heads has 3 entries for 2 levels"):
+        model_configs(heads="1,2,4")
+    with pytest.raises(ValueError, match="48 channels do not split into 5 heads"):
+        model_configs(heads="1,5")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-ldm", "--out", "x", "--heads", "1,0"])
 
 
 # ---------------------------------------------------------------------------------------------- DDP
