@@ -360,7 +360,6 @@ def test_bad_options_are_one_line_errors(tmp_path):
         model_configs(channels="64,128", attention="1")
 
 
-
 def test_heads_are_one_count_for_all_levels_or_one_per_level():
     """`--heads 1,4`: one head of 24 channels at 8x8 and four of 12 at 4x4; the text encoder takes the deepest level's.
     One count keeps every level and the text encoder at it, as before."""
