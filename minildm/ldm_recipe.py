@@ -132,19 +132,20 @@ def model_configs(space: str = "latent", channels: str | None = None, attention:
     8x8, four of 12 at 4x4), the text encoder then taking the deepest level's, the one that attends by default.
     """
     block_out_channels = parse_ints(channels, "channels") or (24, 48)
+    levels = len(block_out_channels)
+
+    def per_level(values: tuple[int, ...], name: str, one_for_all: bool = False) -> tuple[int, ...]:
+        """`values` checked to hold one entry per level (or one for all, where `one_for_all`)."""
+        if len(values) != levels and not (one_for_all and len(values) == 1):
+            fix = "give one count for all levels or one per level" if one_for_all else "give one 0/1 each"
+            raise ValueError(f"--{name} has {len(values)} entries for {levels} levels; {fix}")
+        return values
+
     # (0, ..., 0, 1): attention at the last (deepest, lowest-resolution) level only
-    attends = parse_ints(attention, "attention") or (0,) * (len(block_out_channels) - 1) + (1,)
-    if len(attends) != len(block_out_channels):
-        raise ValueError(f"--attention has {len(attends)} entries for {len(block_out_channels)} levels; "
-                         "give one 0/1 each")
-    attends_up = parse_ints(attention_up, "attention-up") or attends
-    if len(attends_up) != len(block_out_channels):
-        raise ValueError(f"--attention-up has {len(attends_up)} entries for {len(block_out_channels)} levels; "
-                         "give one 0/1 each")
-    level_heads = (heads,) if isinstance(heads, int) else parse_ints(heads, "heads")
-    if len(level_heads) not in (1, len(block_out_channels)):
-        raise ValueError(f"--heads has {len(level_heads)} entries for {len(block_out_channels)} levels; "
-                         "give one count for all levels or one per level")
+    attends = per_level(parse_ints(attention, "attention") or (0,) * (levels - 1) + (1,), "attention")
+    attends_up = per_level(parse_ints(attention_up, "attention-up") or attends, "attention-up")
+    level_heads = per_level((heads,) if isinstance(heads, int) else parse_ints(heads, "heads"), "heads",
+                            one_for_all=True)
     latent_channels = 4 if space == "latent" else 3
     unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=block_out_channels,
                       attention_levels=tuple(bool(a) for a in attends),
