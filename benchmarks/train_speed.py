@@ -88,6 +88,8 @@ RECIPES = {
         "attention_8x8_down_only": {"models": {"attention": "1,1", "attention_up": "0,1"}},
         # ... with one head of 24 channels at 8x8 instead of four of 6 (--heads 1,4): fewer, wider heads
         "attention_8x8_down_one_head": {"models": {"attention": "1,1", "attention_up": "0,1", "heads": "1,4"}},
+        # ... and at 8x8 on the way up only: its two 8x8 SpatialTransformers, none on the way down
+        "attention_8x8_up_only": {"models": {"attention": "0,1", "attention_up": "1,1"}},
     },
     "vae": {
         "default": {},
